@@ -1,0 +1,1 @@
+"""Generation: reasoning-on (trace) and reasoning-off (empty trace) responses from vLLM."""

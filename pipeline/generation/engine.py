@@ -1,0 +1,104 @@
+"""The in-process vLLM engine behind a small interface."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampling settings of one request (a subset of vLLM's ``SamplingParams``)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_count: int
+    finish_reason: str  # "stop" | "length"
+    stop_reason: str | None  # the stop string that ended it, None for end-of-sequence
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class VLLMEngine:
+    """``vllm.LLM`` with this project's defaults; use :func:`open_vllm_engine` to get one."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._llm.get_tokenizer()
+
+    def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
+        """One list of ``spec.n`` completions per prompt, in order."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=s.n,
+                temperature=s.temperature,
+                top_p=s.top_p if s.temperature > 0 else 1.0,
+                max_tokens=s.max_tokens,
+                stop=list(s.stop) or None,
+            )
+            for s in specs
+        ]
+        outputs = self._llm.generate(prompts, params, use_tqdm=True)
+        return [
+            [
+                Completion(
+                    text=c.text,
+                    token_count=len(c.token_ids),
+                    finish_reason=str(c.finish_reason),
+                    stop_reason=c.stop_reason if isinstance(c.stop_reason, str) else None,
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
+
+
+@contextmanager
+def open_vllm_engine(model_path: str, config: GenerationConfig, trust_remote_code: bool) -> Iterator[VLLMEngine]:
+    """Start an engine (CPU or GPU), yield it, and shut it down."""
+    gpu = on_gpu()
+    if not gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gb))
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "seed": config.seed,
+        "max_model_len": config.max_model_len,
+        "enforce_eager": config.enforce_eager,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "trust_remote_code": trust_remote_code,
+        "dtype": "bfloat16",
+    }
+    if gpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    llm = LLM(**kwargs)
+    try:
+        yield VLLMEngine(llm)
+    finally:
+        shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm

@@ -1,0 +1,166 @@
+"""Explicit Arrow schemas, one per dataset kind.
+
+Every dataset written to the lake is cast to its kind's schema first, so a stage that produces a wrong
+column type fails loudly at write time instead of leaving an unreadable dataset behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+_PAIR_FIELDS = [
+    pa.field("pair_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("mode", pa.string(), nullable=False),
+    pa.field("prompt_text", pa.string(), nullable=False),
+    pa.field("chosen_response", pa.string(), nullable=False),
+    pa.field("rejected_response", pa.string(), nullable=False),
+    pa.field("chosen_answer", pa.string(), nullable=False),
+    pa.field("rejected_answer", pa.string(), nullable=False),
+    pa.field("chosen_score", pa.float64(), nullable=False),
+    pa.field("rejected_score", pa.float64(), nullable=False),
+    pa.field("margin", pa.float64(), nullable=False),
+    pa.field("chosen_generation_id", pa.string(), nullable=False),
+    pa.field("rejected_generation_id", pa.string(), nullable=False),
+]
+
+_GENERATION_FIELDS = [
+    pa.field("generation_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("mode", pa.string(), nullable=False),  # "trace" (reasoning on) | "empty" (reasoning off)
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("prompt_text", pa.string(), nullable=False),  # chat-rendered prompt, before the trace block
+    pa.field("response_text", pa.string(), nullable=False),  # trace block + answer, as trained on
+    pa.field("trace", pa.string()),  # None in reasoning-off mode
+    pa.field("answer", pa.string(), nullable=False),
+    pa.field("trace_tokens", pa.int32(), nullable=False),
+    pa.field("answer_tokens", pa.int32(), nullable=False),
+    pa.field("trace_finish_reason", pa.string()),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("trace_closed", pa.bool_(), nullable=False),  # the model closed the trace itself
+    pa.field("budget_forced", pa.bool_(), nullable=False),  # the trace budget closed it
+    pa.field("parse_ok", pa.bool_(), nullable=False),
+    pa.field("parse_error", pa.string()),
+    pa.field("reasoning_control", pa.string(), nullable=False),
+]
+
+_SCORE_FIELDS = [
+    pa.field("generation_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("mode", pa.string(), nullable=False),
+    pa.field("scorer", pa.string(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("checks", pa.string(), nullable=False),  # JSON object: check name -> passed
+]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "prompts": pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("prompt", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("task_type", pa.string(), nullable=False),
+            pa.field("reference_answer", pa.string()),
+            pa.field("constraints", pa.string(), nullable=False),  # JSON list
+            pa.field("source", pa.string(), nullable=False),
+        ]
+    ),
+    "generations": pa.schema(_GENERATION_FIELDS),
+    "scores": pa.schema(_SCORE_FIELDS),
+    "pairs_trace": pa.schema(_PAIR_FIELDS),
+    "pairs_empty": pa.schema(_PAIR_FIELDS),
+    "ref_logps": pa.schema(
+        [
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("mode", pa.string(), nullable=False),
+            pa.field("ref_model", pa.string(), nullable=False),
+            pa.field("ref_chosen_logp", pa.float64(), nullable=False),
+            pa.field("ref_rejected_logp", pa.float64(), nullable=False),
+            pa.field("chosen_tokens", pa.int32(), nullable=False),
+            pa.field("rejected_tokens", pa.int32(), nullable=False),
+        ]
+    ),
+    "train_metrics": pa.schema(
+        [
+            pa.field("step", pa.int32(), nullable=False),
+            pa.field("loss", pa.float64(), nullable=False),
+            pa.field("loss_t", pa.float64()),
+            pa.field("loss_e", pa.float64()),
+            pa.field("alpha", pa.float64(), nullable=False),
+            pa.field("reward_margin_t", pa.float64()),
+            pa.field("reward_margin_e", pa.float64()),
+            pa.field("reward_acc_t", pa.float64()),
+            pa.field("reward_acc_e", pa.float64()),
+            pa.field("grad_norm", pa.float64(), nullable=False),
+            pa.field("lr", pa.float64(), nullable=False),
+            pa.field("tokens", pa.int64(), nullable=False),
+            pa.field("tokens_per_s", pa.float64(), nullable=False),
+            pa.field("checkpoint", pa.string(), nullable=False),
+        ]
+    ),
+    "eval_generations": pa.schema(
+        [*_GENERATION_FIELDS, pa.field("model_label", pa.string(), nullable=False)]
+        + [pa.field("score", pa.float64(), nullable=False), pa.field("checks", pa.string(), nullable=False)]
+    ),
+    "eval_results": pa.schema(
+        [
+            pa.field("model_label", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("mode", pa.string(), nullable=False),
+            pa.field("metric", pa.string(), nullable=False),
+            pa.field("value", pa.float64(), nullable=False),
+            pa.field("ci_low", pa.float64()),
+            pa.field("ci_high", pa.float64()),
+            pa.field("n", pa.int64(), nullable=False),
+        ]
+    ),
+    "rejects": pa.schema(
+        [
+            pa.field("stage", pa.string(), nullable=False),
+            pa.field("row_key", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("payload", pa.string(), nullable=False),  # JSON of the offending row
+        ]
+    ),
+}
+
+KINDS: tuple[str, ...] = tuple(SCHEMAS)
+
+
+class SchemaError(ValueError):
+    """A table does not match its kind's schema."""
+
+
+def schema_for(kind: str) -> pa.Schema:
+    """The Arrow schema of a dataset kind."""
+    try:
+        return SCHEMAS[kind]
+    except KeyError:
+        raise SchemaError(f"unknown dataset kind '{kind}'; known kinds: {', '.join(KINDS)}") from None
+
+
+def conform(kind: str, table: pa.Table) -> pa.Table:
+    """Select and cast ``table``'s columns to the kind's schema, naming what is missing or mistyped."""
+    schema = schema_for(kind)
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{kind}: missing column(s) {', '.join(missing)}")
+    columns = []
+    for field in schema:
+        column = table.column(field.name)
+        if not field.nullable and column.null_count:
+            raise SchemaError(f"{kind}: column '{field.name}' has {column.null_count} null value(s)")
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(f"{kind}: column '{field.name}' cannot be read as {field.type}: {exc}") from exc
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """Short stable hash of a schema's field names and types."""
+    text = ";".join(f"{f.name}:{f.type}:{f.nullable}" for f in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
