@@ -73,6 +73,7 @@ class GenerationConfig(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=0.98, description="GPU only.")
     cpu_kv_cache_gb: int = Field(2, ge=1, description="CPU only: RAM reserved for the KV cache (GiB).")
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start, CPU-friendly).")
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field("bfloat16", description="vLLM weight dtype.")
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
 
 

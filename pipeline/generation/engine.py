@@ -90,7 +90,7 @@ def open_vllm_engine(model_path: str, config: GenerationConfig, trust_remote_cod
         "enforce_eager": config.enforce_eager,
         "tensor_parallel_size": config.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
-        "dtype": "bfloat16",
+        "dtype": config.dtype,
     }
     if gpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization

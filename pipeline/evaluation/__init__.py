@@ -1,0 +1,1 @@
+"""Evaluation: held-out prompts, both reasoning modes, the same scorers, bootstrap intervals."""

@@ -1,0 +1,60 @@
+"""Evaluation metrics with percentile-bootstrap 95% intervals over prompts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def bootstrap_ci(values: Sequence[float], samples: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]], *, reference_label: str, bootstrap_samples: int, seed: int
+) -> list[dict[str, Any]]:
+    """Rows of the ``eval_results`` schema from scored eval generations.
+
+    Metrics per model and mode: ``score`` (mean final-answer score per prompt), ``answer_tokens``,
+    ``trace_tokens`` and, for models other than the reference, ``win_rate_vs_reference`` (per prompt: 1 if its
+    mean score beats the reference's, 0.5 on a tie, 0 otherwise).
+    """
+    per_prompt: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    models: dict[str, str] = {}
+    for row in rows:
+        per_prompt[(row["model_label"], row["mode"])][row["prompt_id"]].append(row)
+        models[row["model_label"]] = row["model"]
+
+    def mean_of(key: str, group: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+        return {pid: float(np.mean([r[key] for r in items])) for pid, items in group.items()}
+
+    out: list[dict[str, Any]] = []
+    for (label, mode), group in sorted(per_prompt.items()):
+        for metric, key in (("score", "score"), ("answer_tokens", "answer_tokens"), ("trace_tokens", "trace_tokens")):
+            values = list(mean_of(key, group).values())
+            low, high = bootstrap_ci(values, bootstrap_samples, seed)
+            out.append(_result(label, models[label], mode, metric, float(np.mean(values)), low, high, len(values)))
+        reference = per_prompt.get((reference_label, mode))
+        if label != reference_label and reference is not None:
+            mine, theirs = mean_of("score", group), mean_of("score", reference)
+            shared = sorted(set(mine) & set(theirs))
+            wins = [1.0 if mine[p] > theirs[p] else 0.5 if mine[p] == theirs[p] else 0.0 for p in shared]
+            if wins:
+                low, high = bootstrap_ci(wins, bootstrap_samples, seed)
+                out.append(
+                    _result(label, models[label], mode, "win_rate_vs_reference", float(np.mean(wins)), low, high, len(wins))
+                )
+    return out
+
+
+def _result(label: str, model: str, mode: str, metric: str, value: float, low: float, high: float, n: int) -> dict[str, Any]:
+    return {"model_label": label, "model": model, "mode": mode, "metric": metric, "value": value, "ci_low": low, "ci_high": high, "n": n}

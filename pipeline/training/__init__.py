@@ -1,0 +1,1 @@
+"""BVPO training: loss, sequence log-probabilities, reference pass and the trainer loop."""

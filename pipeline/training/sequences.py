@@ -1,0 +1,97 @@
+"""Tokenized preference pairs and summed response log-probabilities ``log π(response | prompt)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair: prompt ids and the two response ids (response ends with EOS)."""
+
+    pair_id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool
+
+
+def tokenize_pair(tokenizer: Any, pair: dict[str, Any], max_length: int) -> TokenizedPair:
+    """Tokenize prompt and responses separately (so the prompt/response boundary is exact).
+
+    Responses longer than the room left by the prompt are cut from the right; a prompt longer than half of
+    ``max_length`` is cut from the left so both responses keep some tokens.
+    """
+    prompt_ids: list[int] = tokenizer(pair["prompt_text"], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    chosen = tokenizer(pair["chosen_response"], add_special_tokens=False)["input_ids"] + eos
+    rejected = tokenizer(pair["rejected_response"], add_special_tokens=False)["input_ids"] + eos
+    truncated = False
+    if len(prompt_ids) > max_length // 2:
+        prompt_ids, truncated = prompt_ids[-(max_length // 2) :], True
+    room = max_length - len(prompt_ids)
+    if len(chosen) > room or len(rejected) > room:
+        chosen, rejected, truncated = chosen[:room], rejected[:room], True
+    return TokenizedPair(pair["pair_id"], prompt_ids, chosen, rejected, truncated)
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """Right-padded sequences. Shapes: ``input_ids``, ``attention_mask``, ``response_mask``: ``[N, T]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
+    """Build a batch from ``(prompt_ids, response_ids)`` sequences."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), length), dtype=torch.long)
+    response = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for row, (prompt, resp) in enumerate(sequences):
+        total = len(prompt) + len(resp)
+        ids[row, :total] = torch.tensor(prompt + resp, dtype=torch.long)
+        attention[row, :total] = 1
+        response[row, len(prompt) : total] = True
+    return SequenceBatch(ids, attention, response)
+
+
+def pairs_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> SequenceBatch:
+    """Chosen then rejected sequences of ``pairs`` in one batch (one forward pass per mode): ``[2B, T]``."""
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return collate(sequences, pad_id)
+
+
+def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
+    """Summed log-probs of the response tokens of each sequence: ``[N]``.
+
+    The LM head runs only on the positions that predict a response token, which saves most of the
+    vocabulary projection for long prompts.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    attention = batch.attention_mask.to(device)
+    # Position t predicts token t+1: targets are the response tokens, inputs the positions before them.
+    predict = batch.response_mask[:, 1:].to(device)
+    targets = input_ids[:, 1:][predict]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings()
+    if decoder is not None and head is not None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        logits = head(hidden[:, :-1][predict])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][predict]
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(predict)[predict]
+    return torch.zeros(input_ids.shape[0], device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)

@@ -1,0 +1,293 @@
+"""Prefect tasks: each wraps one pipeline stage, reads its inputs from the store and registers its output.
+
+Every task is content-addressed through :mod:`storage`: when the catalog already holds the output for the
+same inputs and config, the task returns it without recomputing (a rerun after a crash resumes there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from pipeline.config import EMBEDDED_MODEL, ModelConfig, PipelineConfig
+from pipeline.model_assets import EMBEDDED_MODEL_NAME, embedded_checkpoint
+from storage import DatasetRef, DatasetStore, schema_for, version_key
+
+
+class TrainOutput(BaseModel):
+    metrics: DatasetRef
+    checkpoint: str
+    weight_delta_l2: float | None = None
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
+
+
+def model_identity(model: ModelConfig) -> str:
+    return EMBEDDED_MODEL_NAME if model.name_or_path == EMBEDDED_MODEL else model.name_or_path
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    return str(embedded_checkpoint()) if model.name_or_path == EMBEDDED_MODEL else model.name_or_path
+
+
+def _store(config: PipelineConfig) -> DatasetStore:
+    return DatasetStore(config.workspace)
+
+
+def _table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:
+    schema = schema_for(kind)
+    if not rows:
+        return schema.empty_table()
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def _materialize(
+    store: DatasetStore,
+    kind: str,
+    config: dict[str, Any],
+    parents: list[DatasetRef],
+    compute: Callable[[], tuple[pa.Table, list[dict[str, Any]]]],
+) -> DatasetRef:
+    """Return the registered dataset for these inputs, computing and registering it if absent.
+
+    Rejected rows are registered first (as a ``rejects`` dataset of the same inputs), so the main dataset is
+    only ever visible together with the record of what it left out.
+    """
+    logger = get_run_logger()
+    found = store.lookup(kind, config, parents)
+    if found is not None:
+        logger.info("%s: reusing %s (%d rows, same inputs and config)", kind, found.name, found.row_count)
+        return found
+    table, rejects = compute()
+    if rejects:
+        ref = store.put(
+            "rejects", _table("rejects", rejects), config={"for": kind, **config}, parents=parents,
+            flow_run_id=_flow_run_id(),
+        )
+        logger.warning("%s: %d row(s) rejected, see `bvpo sql \"select * from %s\"`", kind, len(rejects), ref.name)
+    ref = store.put(kind, table, config=config, parents=parents, flow_run_id=_flow_run_id())
+    logger.info("%s: registered %s (%d rows)", kind, ref.name, ref.row_count)
+    return ref
+
+
+@task(name="prompts", cache_policy=NO_CACHE)
+def prompts_task(config: PipelineConfig) -> DatasetRef:
+    from pipeline.prompts.source import load_prompts
+
+    def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        result = load_prompts(config.prompts)
+        if not result.rows:
+            reasons = "; ".join(sorted({r["reason"] for r in result.rejects})[:5]) or "the source is empty"
+            raise ValueError(f"no usable prompts in '{config.prompts.source}': {reasons}")
+        return _table("prompts", result.rows), result.rejects
+
+    return _materialize(_store(config), "prompts", config.prompts.model_dump(mode="json"), [], compute)
+
+
+def _generation_config(config: PipelineConfig) -> dict[str, Any]:
+    return {"model": model_identity(config.model), "generation": config.generation.model_dump(mode="json")}
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
+    from pipeline.generation.worker import run_generation
+
+    store = _store(config)
+
+    def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        rows = [r for r in store.read_rows(prompts) if r["split"] == "train"]
+        if not rows:
+            raise ValueError(f"{prompts.name} has no train-split prompts to generate for")
+        generations = run_generation(
+            resolve_model_path(config.model),
+            rows,
+            config.generation,
+            model_label=model_identity(config.model),
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        rejects = [
+            {"stage": "generate", "row_key": g["generation_id"], "reason": g["parse_error"], "payload": "{}"}
+            for g in generations
+            if not g["parse_ok"]
+        ]
+        return _table("generations", generations), rejects
+
+    return _materialize(store, "generations", _generation_config(config), [prompts], compute)
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(config: PipelineConfig, prompts: DatasetRef, generations: DatasetRef) -> DatasetRef:
+    from pipeline.scoring.stage import score_generations
+
+    store = _store(config)
+
+    def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        by_id = {p["prompt_id"]: p for p in store.read_rows(prompts)}
+        result = score_generations(store.read_rows(generations), by_id, config.scoring.scorers)
+        return _table("scores", result.rows), result.rejects
+
+    return _materialize(store, "scores", config.scoring.model_dump(mode="json"), [prompts, generations], compute)
+
+
+@task(name="pair", cache_policy=NO_CACHE)
+def pair_task(config: PipelineConfig, generations: DatasetRef, scores: DatasetRef) -> tuple[DatasetRef, DatasetRef]:
+    from pipeline.pairing import build_pairs
+
+    store = _store(config)
+    parents = [generations, scores]
+    settings = config.pairing.model_dump(mode="json")
+    cached = [store.lookup(kind, settings, parents) for kind in ("pairs_trace", "pairs_empty")]
+    if cached[0] is not None and cached[1] is not None:
+        return cached[0], cached[1]
+    result = build_pairs(store.read(generations), store.read(scores), config.pairing)
+    trace = _materialize(store, "pairs_trace", settings, parents, lambda: (result.pairs_trace, result.rejects))
+    empty = _materialize(store, "pairs_empty", settings, parents, lambda: (result.pairs_empty, []))
+    return trace, empty
+
+
+@task(name="reference-logps", cache_policy=NO_CACHE)
+def reference_logps_task(config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef) -> DatasetRef:
+    from pipeline.training.reference import compute_reference_logps
+
+    store = _store(config)
+    settings = {
+        "ref_model": model_identity(config.model),
+        "max_length": config.train.max_length,
+        "bf16": config.train.bf16,
+    }
+
+    def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        rows = compute_reference_logps(
+            resolve_model_path(config.model),
+            {"trace": store.read_rows(pairs_trace), "empty": store.read_rows(pairs_empty)},
+            model_label=model_identity(config.model),
+            max_length=config.train.max_length,
+            bf16=config.train.bf16,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        return _table("ref_logps", rows), []
+
+    return _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
+
+
+@task(name="train-bvpo", cache_policy=NO_CACHE)
+def train_task(
+    config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef, ref_logps: DatasetRef
+) -> TrainOutput:
+    from pipeline.training.trainer import train_bvpo
+
+    store = _store(config)
+    logger = get_run_logger()
+    parents = [pairs_trace, pairs_empty, ref_logps]
+    settings = {"model": model_identity(config.model), "train": config.train.model_dump(mode="json")}
+    checkpoint = store.workspace / "checkpoints" / version_key("train_metrics", settings, parents)
+    delta: dict[str, float] = {}
+
+    def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        def log_step(row: dict[str, Any]) -> None:
+            logger.info(
+                "step %d loss %.4f (L_t %s, L_e %s) grad_norm %.3f %.0f tokens/s",
+                row["step"], row["loss"], _fmt(row["loss_t"]), _fmt(row["loss_e"]), row["grad_norm"],
+                row["tokens_per_s"],
+            )
+
+        result = train_bvpo(
+            resolve_model_path(config.model),
+            store.read_rows(pairs_trace),
+            store.read_rows(pairs_empty),
+            store.read_rows(ref_logps),
+            config.train,
+            checkpoint,
+            trust_remote_code=config.model.trust_remote_code,
+            on_step=log_step,
+        )
+        delta["value"] = result.weight_delta_l2
+        return _table("train_metrics", result.metrics), []
+
+    metrics = _materialize(store, "train_metrics", settings, parents, compute)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{metrics.name} is registered but its checkpoint {checkpoint} is missing")
+    return TrainOutput(metrics=metrics, checkpoint=str(checkpoint), weight_delta_l2=delta.get("value"))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(config: PipelineConfig, prompts: DatasetRef, checkpoint: str, parent: DatasetRef) -> DatasetRef:
+    """Generate on the eval split with the reference and the trained model, score, and summarize."""
+    from pipeline.evaluation.metrics import summarize
+    from pipeline.generation.worker import run_generation
+    from pipeline.scoring.stage import score_generations
+
+    store = _store(config)
+    eval_settings = config.eval.model_dump(mode="json")
+    eval_prompts = [r for r in store.read_rows(prompts) if r["split"] == "eval"]
+    if not eval_prompts:
+        raise ValueError(f"{prompts.name} has no eval-split prompts (prompts.eval_fraction is too small)")
+    by_id = {p["prompt_id"]: p for p in eval_prompts}
+
+    def eval_generations(label: str, model_path: str, identity: str, extra_parents: list[DatasetRef]) -> DatasetRef:
+        def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+            rows = run_generation(
+                model_path,
+                eval_prompts,
+                config.generation,
+                model_label=identity,
+                trust_remote_code=config.model.trust_remote_code,
+                samples_per_prompt=config.eval.samples_per_prompt,
+                temperature=config.eval.temperature,
+            )
+            scored = score_generations(rows, by_id, config.scoring.scorers)
+            scores = {s["generation_id"]: s for s in scored.rows}
+            kept = []
+            for row in rows:
+                if row["generation_id"] in scores:
+                    score = scores[row["generation_id"]]
+                    kept.append({**row, "model_label": label, "score": score["score"], "checks": score["checks"]})
+            return _table("eval_generations", kept), scored.rejects
+
+        settings = {
+            "label": label,
+            "model": identity,
+            "eval": eval_settings,
+            "generation": config.generation.model_dump(mode="json"),
+            "scoring": config.scoring.model_dump(mode="json"),
+        }
+        return _materialize(store, "eval_generations", settings, [prompts, *extra_parents], compute)
+
+    reference = eval_generations(
+        "reference", resolve_model_path(config.model), model_identity(config.model), []
+    )
+    trained = eval_generations("trained", checkpoint, checkpoint, [parent])
+
+    def compute_results() -> tuple[pa.Table, list[dict[str, Any]]]:
+        rows = store.read_rows(reference) + store.read_rows(trained)
+        results = summarize(
+            rows, reference_label="reference", bootstrap_samples=config.eval.bootstrap_samples, seed=config.eval.seed
+        )
+        return _table("eval_results", results), []
+
+    return _materialize(store, "eval_results", eval_settings, [reference, trained], compute_results)
+
+
+def read_rows(config: PipelineConfig, ref: DatasetRef) -> list[dict[str, Any]]:
+    """Rows of a registered dataset (for summaries and artifacts in flows)."""
+    return _store(config).read_rows(ref)
+
+
+def workspace_paths(config: PipelineConfig) -> dict[str, Path]:
+    store = _store(config)
+    return {"workspace": store.workspace, "lake": store.lake, "catalog": store.catalog.path}

@@ -1,0 +1,13 @@
+"""Shared fixtures. Tests run offline; Prefect runs on a temporary local API (prefect_test_harness)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bvpo-prefect-home-"))
+os.environ.pop("PREFECT_API_URL", None)
