@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -111,7 +115,12 @@ def test_instruction_errors(scorer: VerifiableScorer) -> None:
 def test_score_batch(scorer: VerifiableScorer) -> None:
     rows = [
         {"task_type": "math", "reference_answer": "6", "constraints": [], "answer": "It is 6."},
-        {"task_type": "instruction", "reference_answer": None, "constraints": [{"type": "no_commas"}], "answer": "a,b"},
+        {
+            "task_type": "instruction",
+            "reference_answer": None,
+            "constraints": [{"type": "no_commas"}],
+            "answer": "a,b",
+        },
     ]
     assert [r.score for r in scorer.score_batch(rows)] == [1.0, 0.0]
 
@@ -125,7 +134,7 @@ def _score_in_thread(scorer: VerifiableScorer, reference: str, answer: str) -> S
         except BaseException as exc:  # surfaced below
             box.append(exc)
 
-    thread = threading.Thread(target=work)
+    thread = threading.Thread(target=work, daemon=True)
     thread.start()
     thread.join(timeout=60)
     assert not thread.is_alive(), "scoring hung in a worker thread"
@@ -142,10 +151,33 @@ def test_scoring_works_in_a_worker_thread(scorer: VerifiableScorer) -> None:
     assert scores == [1.0, 0.0, 1.0] * 4
 
 
-@pytest.mark.parametrize("answer", ["10^10^10", "9^9^9^9", "$(10^{4000})^{10000}$", "$100000!$", "$x^{10^{10}}$"])
-def test_huge_expressions_do_not_hang_without_timeouts(scorer: VerifiableScorer, answer: str) -> None:
-    # Without the guard, verify(17, 10^10^10) runs for ever once timeouts are off (worker threads).
-    assert _score_in_thread(scorer, "17", answer).score == 0.0
+HUGE_ANSWERS = ["10^10^10", "9^9^9^9", "$(10^{4000})^{10000}$", "$100000!$", "$x^{10^{10}}$"]
+_HUGE_SCRIPT = """
+import json, sys, threading
+from pipeline.scoring.verifiable import VerifiableScorer
+out = []
+def work():
+    scorer = VerifiableScorer()
+    out.extend(scorer.score("math", "17", [], a).score for a in json.loads(sys.argv[1]))
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps(out))
+"""
+
+
+def test_huge_expressions_do_not_hang_without_timeouts() -> None:
+    # Without the guard, verify(17, 10^10^10) runs for ever (holding the GIL) once timeouts are off, as they
+    # are in worker threads; a subprocess keeps such a regression from hanging the test session.
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUGE_SCRIPT, json.dumps(HUGE_ANSWERS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [0.0] * len(HUGE_ANSWERS)
 
 
 def test_reasonable_powers_still_verify(scorer: VerifiableScorer) -> None:
