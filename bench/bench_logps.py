@@ -50,7 +50,10 @@ def main() -> None:
     response = list(range(1000, 1000 + args.response_tokens))
     batch = collate([(prompt, response)] * args.sequences, pad_id=0)
     tokens = batch.num_tokens
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.sequences} x {tokens // args.sequences} tokens")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{args.sequences} x {tokens // args.sequences} tokens"
+    )
     for bf16 in (False, True):
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         base = time_fn(naive_logps, model, batch, bf16, args.steps)

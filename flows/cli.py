@@ -71,7 +71,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     for kind, data in summary["datasets"].items():
         table.add_row(kind, data["name"], str(data["rows"]))
     console.print(table)
-    console.print(f"Pairs: D_t (reasoning on) {summary['pairs']['trace']}, D_e (reasoning off) {summary['pairs']['empty']}")
+    console.print(
+        f"Pairs: D_t (reasoning on) {summary['pairs']['trace']}, "
+        f"D_e (reasoning off) {summary['pairs']['empty']}"
+    )
     loss = summary["loss"]
     console.print(f"BVPO loss: {loss['first']:.4f} → {loss['last']:.4f} over {loss['steps']} steps")
     for mode, values in summary["eval"].items():

@@ -59,7 +59,9 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
         pairs_empty=pairs_empty,
         ref_logps=ref_logps,
     )
-    _datasets_artifact([prompts, generations, scores, pairs_trace, pairs_empty, ref_logps], "data-refresh-datasets")
+    _datasets_artifact(
+        [prompts, generations, scores, pairs_trace, pairs_empty, ref_logps], "data-refresh-datasets"
+    )
     return out
 
 
@@ -108,14 +110,27 @@ def build_summary(
     metrics = read_rows(config, train.metrics)
     evals = read_rows(config, results)
     scores = {(r["model_label"], r["mode"]): r for r in evals if r["metric"] == "score"}
-    datasets = [data.prompts, data.generations, data.scores, data.pairs_trace, data.pairs_empty, data.ref_logps]
+    datasets = [
+        data.prompts,
+        data.generations,
+        data.scores,
+        data.pairs_trace,
+        data.pairs_empty,
+        data.ref_logps,
+    ]
     return {
-        "datasets": {ref.kind: {"name": ref.name, "rows": ref.row_count} for ref in [*datasets, train.metrics, results]},
+        "datasets": {
+            ref.kind: {"name": ref.name, "rows": ref.row_count} for ref in [*datasets, train.metrics, results]
+        },
         "pairs": {"trace": data.pairs_trace.row_count, "empty": data.pairs_empty.row_count},
         "loss": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"], "steps": len(metrics)},
         "weight_delta_l2": train.weight_delta_l2,
         "eval": {
-            mode: {label: scores[(label, mode)]["value"] for label in ("reference", "trained") if (label, mode) in scores}
+            mode: {
+                label: scores[(label, mode)]["value"]
+                for label in ("reference", "trained")
+                if (label, mode) in scores
+            }
             for mode in ("trace", "empty")
         },
         "checkpoint": train.checkpoint,
@@ -129,7 +144,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Pairs: D_t (trace) {summary['pairs']['trace']}, D_e (empty) {summary['pairs']['empty']}.",
-        f"Loss: {summary['loss']['first']:.4f} → {summary['loss']['last']:.4f} over {summary['loss']['steps']} steps.",
+        f"Loss: {summary['loss']['first']:.4f} → {summary['loss']['last']:.4f} "
+        f"over {summary['loss']['steps']} steps.",
         "",
         "| mode | reference score | trained score |",
         "|---|---|---|",
@@ -144,7 +160,7 @@ def _datasets_artifact(refs: list[DatasetRef], key: str) -> None:
     create_table_artifact(
         key=key,
         table=[{"dataset": r.name, "kind": r.kind, "version": r.version, "rows": r.row_count} for r in refs],
-        description="Datasets of this run; query them with `bvpo sql \"select * from <kind>\"`.",
+        description='Datasets of this run; query them with `bvpo sql "select * from <kind>"`.',
     )
 
 

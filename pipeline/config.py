@@ -42,7 +42,9 @@ class PromptsConfig(_Section):
     )
     num_prompts: int = Field(64, ge=1, le=1_000_000, description="Prompts to take (train and eval together).")
     seed: int = Field(0, description="Seed of the built-in prompt generator.")
-    eval_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation.")
+    eval_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation."
+    )
     prompt_field: str = Field("prompt", description="Column holding the prompt text in external sources.")
     max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are rejected with a reason.")
 
@@ -65,7 +67,9 @@ class GenerationConfig(_Section):
     samples_per_prompt: int = Field(4, ge=2, le=64, description="n responses per prompt and mode.")
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_trace_tokens: int = Field(128, ge=1, description="Trace budget: thinking stops here and the tag is closed.")
+    max_trace_tokens: int = Field(
+        128, ge=1, description="Trace budget: thinking stops here and the tag is closed."
+    )
     max_answer_tokens: int = Field(96, ge=1, description="Token limit of the final answer.")
     seed: int = Field(0, description="Engine seed (vLLM on CPU cannot seed single requests).")
     max_model_len: int = Field(1024, ge=64)
@@ -73,7 +77,9 @@ class GenerationConfig(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=0.98, description="GPU only.")
     cpu_kv_cache_gb: int = Field(2, ge=1, description="CPU only: RAM reserved for the KV cache (GiB).")
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start, CPU-friendly).")
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field("bfloat16", description="vLLM weight dtype.")
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+        "bfloat16", description="vLLM weight dtype."
+    )
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
 
 
@@ -139,7 +145,8 @@ class PipelineConfig(_Section):
         if gen.max_trace_tokens + gen.max_answer_tokens + 16 > gen.max_model_len:
             raise ValueError(
                 f"generation.max_trace_tokens ({gen.max_trace_tokens}) + max_answer_tokens "
-                f"({gen.max_answer_tokens}) leave no room for the prompt in max_model_len ({gen.max_model_len})"
+                f"({gen.max_answer_tokens}) leave no room for the prompt in "
+                f"max_model_len ({gen.max_model_len})"
             )
         return self
 

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,11 +140,13 @@ class Catalog:
                         json.dumps(config, sort_keys=True),
                         parents,
                         flow_run_id,
-                        datetime.now(timezone.utc).replace(tzinfo=None),
+                        datetime.now(UTC).replace(tzinfo=None),
                     ],
                 )
                 glob = _sql_literal(str(Path(path) / "part-*.parquet"))
-                conn.execute(f'CREATE OR REPLACE VIEW "{kind}__v{number}" AS SELECT * FROM read_parquet({glob})')
+                conn.execute(
+                    f'CREATE OR REPLACE VIEW "{kind}__v{number}" AS SELECT * FROM read_parquet({glob})'
+                )
                 conn.execute(f'CREATE OR REPLACE VIEW "{kind}" AS SELECT * FROM read_parquet({glob})')
                 conn.execute("COMMIT")
             except BaseException:
@@ -166,7 +168,8 @@ class Catalog:
             where, params = "version = ?", [name]
         with self.connect(read_only=True) as conn:
             row = conn.execute(
-                f"SELECT kind, version, number, path, row_count FROM datasets WHERE status = 'complete' AND {where}",
+                "SELECT kind, version, number, path, row_count FROM datasets "
+                f"WHERE status = 'complete' AND {where}",
                 params,
             ).fetchone()
         if row is None:

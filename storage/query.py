@@ -35,7 +35,7 @@ def run_readonly_query(catalog: Catalog, lake: Path, sql: str) -> tuple[list[str
                 f"only SELECT queries are allowed here, not {statement.type.name}: the catalog is read-only"
             )
     with catalog.connect(read_only=True) as conn:
-        conn.execute(f"SET allowed_directories=['{str(Path(lake).resolve())}/']")
+        conn.execute(f"SET allowed_directories=['{Path(lake).resolve()!s}/']")
         conn.execute("SET enable_external_access=false")
         conn.execute("SET lock_configuration=true")
         columns: list[str] = []

@@ -102,8 +102,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     "eval_generations": pa.schema(
-        [*_GENERATION_FIELDS, pa.field("model_label", pa.string(), nullable=False)]
-        + [pa.field("score", pa.float64(), nullable=False), pa.field("checks", pa.string(), nullable=False)]
+        [
+            *_GENERATION_FIELDS,
+            pa.field("model_label", pa.string(), nullable=False),
+            pa.field("score", pa.float64(), nullable=False),
+            pa.field("checks", pa.string(), nullable=False),
+        ]
     ),
     "eval_results": pa.schema(
         [

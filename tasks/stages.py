@@ -72,10 +72,15 @@ def _materialize(
     table, rejects = compute()
     if rejects:
         ref = store.put(
-            "rejects", _table("rejects", rejects), config={"for": kind, **config}, parents=parents,
+            "rejects",
+            _table("rejects", rejects),
+            config={"for": kind, **config},
+            parents=parents,
             flow_run_id=_flow_run_id(),
         )
-        logger.warning("%s: %d row(s) rejected, see `bvpo sql \"select * from %s\"`", kind, len(rejects), ref.name)
+        logger.warning(
+            '%s: %d row(s) rejected, see `bvpo sql "select * from %s"`', kind, len(rejects), ref.name
+        )
     ref = store.put(kind, table, config=config, parents=parents, flow_run_id=_flow_run_id())
     logger.info("%s: registered %s (%d rows)", kind, ref.name, ref.row_count)
     return ref
@@ -137,11 +142,15 @@ def score_task(config: PipelineConfig, prompts: DatasetRef, generations: Dataset
         result = score_generations(store.read_rows(generations), by_id, config.scoring.scorers)
         return _table("scores", result.rows), result.rejects
 
-    return _materialize(store, "scores", config.scoring.model_dump(mode="json"), [prompts, generations], compute)
+    return _materialize(
+        store, "scores", config.scoring.model_dump(mode="json"), [prompts, generations], compute
+    )
 
 
 @task(name="pair", cache_policy=NO_CACHE)
-def pair_task(config: PipelineConfig, generations: DatasetRef, scores: DatasetRef) -> tuple[DatasetRef, DatasetRef]:
+def pair_task(
+    config: PipelineConfig, generations: DatasetRef, scores: DatasetRef
+) -> tuple[DatasetRef, DatasetRef]:
     from pipeline.pairing import build_pairs
 
     store = _store(config)
@@ -151,13 +160,17 @@ def pair_task(config: PipelineConfig, generations: DatasetRef, scores: DatasetRe
     if cached[0] is not None and cached[1] is not None:
         return cached[0], cached[1]
     result = build_pairs(store.read(generations), store.read(scores), config.pairing)
-    trace = _materialize(store, "pairs_trace", settings, parents, lambda: (result.pairs_trace, result.rejects))
+    trace = _materialize(
+        store, "pairs_trace", settings, parents, lambda: (result.pairs_trace, result.rejects)
+    )
     empty = _materialize(store, "pairs_empty", settings, parents, lambda: (result.pairs_empty, []))
     return trace, empty
 
 
 @task(name="reference-logps", cache_policy=NO_CACHE)
-def reference_logps_task(config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef) -> DatasetRef:
+def reference_logps_task(
+    config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef
+) -> DatasetRef:
     from pipeline.training.reference import compute_reference_logps
 
     store = _store(config)
@@ -198,7 +211,11 @@ def train_task(
         def log_step(row: dict[str, Any]) -> None:
             logger.info(
                 "step %d loss %.4f (L_t %s, L_e %s) grad_norm %.3f %.0f tokens/s",
-                row["step"], row["loss"], _fmt(row["loss_t"]), _fmt(row["loss_e"]), row["grad_norm"],
+                row["step"],
+                row["loss"],
+                _fmt(row["loss_t"]),
+                _fmt(row["loss_e"]),
+                row["grad_norm"],
                 row["tokens_per_s"],
             )
 
@@ -226,7 +243,9 @@ def _fmt(value: float | None) -> str:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(config: PipelineConfig, prompts: DatasetRef, checkpoint: str, parent: DatasetRef) -> DatasetRef:
+def evaluate_task(
+    config: PipelineConfig, prompts: DatasetRef, checkpoint: str, parent: DatasetRef
+) -> DatasetRef:
     """Generate on the eval split with the reference and the trained model, score, and summarize."""
     from pipeline.evaluation.metrics import summarize
     from pipeline.generation.worker import run_generation
@@ -239,7 +258,9 @@ def evaluate_task(config: PipelineConfig, prompts: DatasetRef, checkpoint: str, 
         raise ValueError(f"{prompts.name} has no eval-split prompts (prompts.eval_fraction is too small)")
     by_id = {p["prompt_id"]: p for p in eval_prompts}
 
-    def eval_generations(label: str, model_path: str, identity: str, extra_parents: list[DatasetRef]) -> DatasetRef:
+    def eval_generations(
+        label: str, model_path: str, identity: str, extra_parents: list[DatasetRef]
+    ) -> DatasetRef:
         def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
             rows = run_generation(
                 model_path,
@@ -256,7 +277,9 @@ def evaluate_task(config: PipelineConfig, prompts: DatasetRef, checkpoint: str, 
             for row in rows:
                 if row["generation_id"] in scores:
                     score = scores[row["generation_id"]]
-                    kept.append({**row, "model_label": label, "score": score["score"], "checks": score["checks"]})
+                    kept.append(
+                        {**row, "model_label": label, "score": score["score"], "checks": score["checks"]}
+                    )
             return _table("eval_generations", kept), scored.rejects
 
         settings = {
@@ -276,7 +299,10 @@ def evaluate_task(config: PipelineConfig, prompts: DatasetRef, checkpoint: str, 
     def compute_results() -> tuple[pa.Table, list[dict[str, Any]]]:
         rows = store.read_rows(reference) + store.read_rows(trained)
         results = summarize(
-            rows, reference_label="reference", bootstrap_samples=config.eval.bootstrap_samples, seed=config.eval.seed
+            rows,
+            reference_label="reference",
+            bootstrap_samples=config.eval.bootstrap_samples,
+            seed=config.eval.seed,
         )
         return _table("eval_results", results), []
 

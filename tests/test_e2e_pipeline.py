@@ -1,4 +1,4 @@
-"""End to end: the whole flow on a tiny configuration through real vLLM, real Prefect and a real DuckDB file."""
+"""End to end: the whole flow on a tiny configuration, through real vLLM, Prefect and DuckDB."""
 
 from __future__ import annotations
 
@@ -63,14 +63,26 @@ def test_every_dataset_is_registered_with_expected_rows(tiny_run) -> None:
     }
     assert all(r["n"] == len(eval_prompts) for r in eval_rows if r["metric"] == "score")
     listed = {d["kind"] for d in store.catalog.list_datasets()}
-    assert {"prompts", "generations", "scores", "pairs_trace", "pairs_empty", "ref_logps", "train_metrics",
-            "eval_generations", "eval_results"} <= listed
+    assert {
+        "prompts",
+        "generations",
+        "scores",
+        "pairs_trace",
+        "pairs_empty",
+        "ref_logps",
+        "train_metrics",
+        "eval_generations",
+        "eval_results",
+    } <= listed
 
 
 def test_bvpo_loss_is_finite_and_weights_changed(tiny_run) -> None:
     config, out = tiny_run
     metrics = DatasetStore(config.workspace).read_rows(out.train.metrics)
-    assert all(math.isfinite(m["loss"]) and math.isfinite(m["loss_t"]) and math.isfinite(m["loss_e"]) for m in metrics)
+    assert all(
+        math.isfinite(m["loss"]) and math.isfinite(m["loss_t"]) and math.isfinite(m["loss_e"])
+        for m in metrics
+    )
     # At step 1 the policy is the reference: the loss is close to log 2.
     assert abs(metrics[0]["loss"] - math.log(2)) < 0.05
     from tasks.stages import resolve_model_path

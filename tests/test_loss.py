@@ -8,7 +8,9 @@ import torch
 from pipeline.training.loss import BVPOLoss, DPOLoss, PreferenceLogps
 
 
-def _logps(pc: list[float], pr: list[float], rc: list[float], rr: list[float], grad: bool = False) -> PreferenceLogps:
+def _logps(
+    pc: list[float], pr: list[float], rc: list[float], rr: list[float], grad: bool = False
+) -> PreferenceLogps:
     t = lambda v: torch.tensor(v, requires_grad=grad)  # noqa: E731
     return PreferenceLogps(t(pc), t(pr), t(rc), t(rr))
 

@@ -25,7 +25,7 @@ def test_put_registers_view_and_reuses_same_inputs(tmp_path: Path) -> None:
     assert ref.row_count == 3 and ref.number == 1
     assert store.lookup("rejects", {"a": 1}, []) == ref
     assert store.lookup("rejects", {"a": 2}, []) is None
-    columns, rows = run_readonly_query(store.catalog, store.lake, "select count(*) from rejects")
+    _, rows = run_readonly_query(store.catalog, store.lake, "select count(*) from rejects")
     assert rows == [(3,)]
     # Different config: a new version, and the kind view follows the latest one.
     ref2 = store.put("rejects", _rejects(5), config={"a": 2}, parents=[ref])
@@ -42,7 +42,11 @@ def test_schema_mismatch_is_refused_and_nothing_registered(tmp_path: Path) -> No
     with pytest.raises(SchemaError, match="missing column"):
         store.put("rejects", bad, config={}, parents=[])
     assert store.lookup("rejects", {}, []) is None
-    assert not any((tmp_path / "lake" / "rejects").glob("*")) if (tmp_path / "lake" / "rejects").exists() else True
+    assert (
+        not any((tmp_path / "lake" / "rejects").glob("*"))
+        if (tmp_path / "lake" / "rejects").exists()
+        else True
+    )
 
 
 def test_no_half_written_dataset_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,5 +89,5 @@ def test_sql_interface_cannot_read_outside_the_lake(tmp_path: Path) -> None:
     store.put("rejects", _rejects(1), config={}, parents=[])
     outside = tmp_path.parent / "secret.csv"
     outside.write_text("a\n1\n")
-    with pytest.raises(QueryError, match="disabled|Permission"):
+    with pytest.raises(QueryError, match=r"disabled|Permission"):
         run_readonly_query(store.catalog, store.lake, f"select * from read_csv('{outside}')")

@@ -28,7 +28,9 @@ def summarize(
     ``trace_tokens`` and, for models other than the reference, ``win_rate_vs_reference`` (per prompt: 1 if its
     mean score beats the reference's, 0.5 on a tie, 0 otherwise).
     """
-    per_prompt: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    per_prompt: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     models: dict[str, str] = {}
     for row in rows:
         per_prompt[(row["model_label"], row["mode"])][row["prompt_id"]].append(row)
@@ -39,10 +41,16 @@ def summarize(
 
     out: list[dict[str, Any]] = []
     for (label, mode), group in sorted(per_prompt.items()):
-        for metric, key in (("score", "score"), ("answer_tokens", "answer_tokens"), ("trace_tokens", "trace_tokens")):
+        for metric, key in (
+            ("score", "score"),
+            ("answer_tokens", "answer_tokens"),
+            ("trace_tokens", "trace_tokens"),
+        ):
             values = list(mean_of(key, group).values())
             low, high = bootstrap_ci(values, bootstrap_samples, seed)
-            out.append(_result(label, models[label], mode, metric, float(np.mean(values)), low, high, len(values)))
+            out.append(
+                _result(label, models[label], mode, metric, float(np.mean(values)), low, high, len(values))
+            )
         reference = per_prompt.get((reference_label, mode))
         if label != reference_label and reference is not None:
             mine, theirs = mean_of("score", group), mean_of("score", reference)
@@ -51,10 +59,30 @@ def summarize(
             if wins:
                 low, high = bootstrap_ci(wins, bootstrap_samples, seed)
                 out.append(
-                    _result(label, models[label], mode, "win_rate_vs_reference", float(np.mean(wins)), low, high, len(wins))
+                    _result(
+                        label,
+                        models[label],
+                        mode,
+                        "win_rate_vs_reference",
+                        float(np.mean(wins)),
+                        low,
+                        high,
+                        len(wins),
+                    )
                 )
     return out
 
 
-def _result(label: str, model: str, mode: str, metric: str, value: float, low: float, high: float, n: int) -> dict[str, Any]:
-    return {"model_label": label, "model": model, "mode": mode, "metric": metric, "value": value, "ci_low": low, "ci_high": high, "n": n}
+def _result(
+    label: str, model: str, mode: str, metric: str, value: float, low: float, high: float, n: int
+) -> dict[str, Any]:
+    return {
+        "model_label": label,
+        "model": model,
+        "mode": mode,
+        "metric": metric,
+        "value": value,
+        "ci_low": low,
+        "ci_high": high,
+        "n": n,
+    }

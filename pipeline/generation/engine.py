@@ -76,7 +76,9 @@ class VLLMEngine:
 
 
 @contextmanager
-def open_vllm_engine(model_path: str, config: GenerationConfig, trust_remote_code: bool) -> Iterator[VLLMEngine]:
+def open_vllm_engine(
+    model_path: str, config: GenerationConfig, trust_remote_code: bool
+) -> Iterator[VLLMEngine]:
     """Start an engine (CPU or GPU), yield it, and shut it down."""
     gpu = on_gpu()
     if not gpu:

@@ -45,7 +45,9 @@ def generate_responses(
         return SamplingSpec(n=count, temperature=temp, top_p=config.top_p, max_tokens=max_tokens, stop=stop)
 
     rendered = {
-        (p["prompt_id"], mode): fmt.render_prompt(tokenizer, p["prompt"], mode) for p in prompts for mode in MODES
+        (p["prompt_id"], mode): fmt.render_prompt(tokenizer, p["prompt"], mode)
+        for p in prompts
+        for mode in MODES
     }
     first_inputs: list[str] = []
     first_specs: list[SamplingSpec] = []
@@ -70,12 +72,23 @@ def generate_responses(
     rows: list[dict[str, Any]] = []
     for (p, sample_index, trace), (answer,) in zip(traces, answers, strict=True):
         rows.append(
-            _row(fmt, p, "trace", sample_index, model_label, rendered[(p["prompt_id"], "trace")], trace, answer)
+            _row(
+                fmt, p, "trace", sample_index, model_label, rendered[(p["prompt_id"], "trace")], trace, answer
+            )
         )
     for index, p in enumerate(prompts):
         for sample_index, answer in enumerate(first[2 * index + 1]):
             rows.append(
-                _row(fmt, p, "empty", sample_index, model_label, rendered[(p["prompt_id"], "empty")], None, answer)
+                _row(
+                    fmt,
+                    p,
+                    "empty",
+                    sample_index,
+                    model_label,
+                    rendered[(p["prompt_id"], "empty")],
+                    None,
+                    answer,
+                )
             )
     return rows
 

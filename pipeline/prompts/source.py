@@ -28,7 +28,9 @@ class PromptLoadResult:
 def load_prompts(config: PromptsConfig) -> PromptLoadResult:
     """Read, validate, deduplicate and split prompts according to ``config``."""
     if config.source == "builtin":
-        records = build_builtin_prompts(config.num_prompts, seed=config.seed, eval_fraction=config.eval_fraction)
+        records = build_builtin_prompts(
+            config.num_prompts, seed=config.seed, eval_fraction=config.eval_fraction
+        )
         rows = []
         for record in records:
             row = asdict(record)
@@ -116,7 +118,11 @@ def _validate(raw: list[tuple[str, dict[str, Any]]], config: PromptsConfig) -> P
             reject(key, "empty prompt", record)
             continue
         if len(text) > config.max_prompt_chars:
-            reject(key, f"prompt has {len(text)} characters, over max_prompt_chars={config.max_prompt_chars}", record)
+            reject(
+                key,
+                f"prompt has {len(text)} characters, over max_prompt_chars={config.max_prompt_chars}",
+                record,
+            )
             continue
         prompt_id = prompt_id_for(text)
         if prompt_id in seen:
@@ -130,7 +136,9 @@ def _validate(raw: list[tuple[str, dict[str, Any]]], config: PromptsConfig) -> P
                 "prompt_id": prompt_id,
                 "prompt": text,
                 "split": split_for(prompt_id, config.eval_fraction),
-                "task_type": str(record.get("task_type") or ("math" if answer is not None else "instruction")),
+                "task_type": str(
+                    record.get("task_type") or ("math" if answer is not None else "instruction")
+                ),
                 "reference_answer": None if answer is None else str(answer),
                 "constraints": json.dumps(constraints),
                 "source": config.source,

@@ -41,13 +41,16 @@ def score_generations(
             continue
         constraints = json.loads(prompt["constraints"] or "[]")
         results = [
-            s.score(prompt["task_type"], prompt["reference_answer"], constraints, gen["answer"]) for s in scorers
+            s.score(prompt["task_type"], prompt["reference_answer"], constraints, gen["answer"])
+            for s in scorers
         ]
         errors = [f"{s.name}: {r.error}" for s, r in zip(scorers, results, strict=True) if r.error]
         if errors:
             rejects.append(_reject(gen, "; ".join(errors)))
             continue
-        checks = {f"{s.name}.{k}": v for s, r in zip(scorers, results, strict=True) for k, v in r.checks.items()}
+        checks = {
+            f"{s.name}.{k}": v for s, r in zip(scorers, results, strict=True) for k, v in r.checks.items()
+        }
         rows.append(
             {
                 "generation_id": gen["generation_id"],

@@ -47,7 +47,8 @@ class DPOLoss(nn.Module):
             logps: summed response log-probs, each ``[B]``.
 
         Returns:
-            losses ``[B]`` and the implicit rewards ``β(log π_θ − log π_ref)`` of chosen and rejected, ``[B]``.
+            losses ``[B]`` and the implicit rewards ``β(log π_θ − log π_ref)`` of chosen and
+            rejected, ``[B]`` each.
         """
         chosen_logratio = logps.policy_chosen - logps.ref_chosen
         rejected_logratio = logps.policy_rejected - logps.ref_rejected
@@ -80,7 +81,9 @@ class BVPOLoss(nn.Module):
         super().__init__()
         self.dpo = DPOLoss(beta)
 
-    def forward(self, trace: PreferenceLogps | None, empty: PreferenceLogps | None, alpha: float) -> BVPOOutput:
+    def forward(
+        self, trace: PreferenceLogps | None, empty: PreferenceLogps | None, alpha: float
+    ) -> BVPOOutput:
         """
         Args:
             trace: log-probs of a D_t batch (``[B_t]`` each), or ``None`` when ``alpha == 0``.

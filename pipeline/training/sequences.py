@@ -69,7 +69,9 @@ def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Se
 
 def pairs_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> SequenceBatch:
     """Chosen then rejected sequences of ``pairs`` in one batch (one forward pass per mode): ``[2B, T]``."""
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
+        (p.prompt_ids, p.rejected_ids) for p in pairs
+    ]
     return collate(sequences, pad_id)
 
 
@@ -94,4 +96,6 @@ def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][predict]
     token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
     rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(predict)[predict]
-    return torch.zeros(input_ids.shape[0], device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    return torch.zeros(input_ids.shape[0], device=device, dtype=token_logps.dtype).index_add(
+        0, rows, token_logps
+    )

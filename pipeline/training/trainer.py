@@ -66,7 +66,11 @@ def _join_reference(
         ref = ref_rows.get(pair["pair_id"])
         if ref is None:
             raise TrainingDataError(f"pair '{pair['pair_id']}' has no reference log-probs")
-        out.append(RefPair(tokenize_pair(tokenizer, pair, max_length), ref["ref_chosen_logp"], ref["ref_rejected_logp"]))
+        out.append(
+            RefPair(
+                tokenize_pair(tokenizer, pair, max_length), ref["ref_chosen_logp"], ref["ref_rejected_logp"]
+            )
+        )
     return out
 
 
@@ -137,7 +141,9 @@ def train_bvpo(
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss_fn = BVPOLoss(config.beta)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     model.train()
@@ -157,7 +163,11 @@ def train_bvpo(
                     tokens += n_e
                 out = loss_fn(trace_logps, empty_logps, alpha)
             (out.loss / config.grad_accum_steps).backward()
-            values = {"loss": float(out.loss.detach()), **_mode_metrics(out.trace, "t"), **_mode_metrics(out.empty, "e")}
+            values = {
+                "loss": float(out.loss.detach()),
+                **_mode_metrics(out.trace, "t"),
+                **_mode_metrics(out.empty, "e"),
+            }
             for key, value in values.items():
                 if value is not None:
                     sums.setdefault(key, []).append(value)
@@ -176,7 +186,15 @@ def train_bvpo(
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "checkpoint": str(output_dir),
         }
-        for key in ("loss", "loss_t", "loss_e", "reward_margin_t", "reward_margin_e", "reward_acc_t", "reward_acc_e"):
+        for key in (
+            "loss",
+            "loss_t",
+            "loss_e",
+            "reward_margin_t",
+            "reward_margin_e",
+            "reward_acc_t",
+            "reward_acc_e",
+        ):
             row[key] = sum(sums[key]) / len(sums[key]) if key in sums else None
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"BVPO loss is not finite at step {step + 1}: {row['loss']}")
@@ -184,7 +202,11 @@ def train_bvpo(
         if on_step is not None:
             on_step(row)
 
-    delta = math.sqrt(sum(float((p.detach() - initial[n]).pow(2).sum()) for n, p in model.named_parameters() if n in initial))
+    delta = math.sqrt(
+        sum(
+            float((p.detach() - initial[n]).pow(2).sum()) for n, p in model.named_parameters() if n in initial
+        )
+    )
     _save_checkpoint(model, tokenizer, output_dir)
     return TrainResult(checkpoint=output_dir, metrics=metrics, weight_delta_l2=delta)
 
