@@ -129,6 +129,38 @@ def datasets(workspace: WorkspaceOpt = Path("workspace"), debug: DebugOpt = Fals
     _print_rows(columns, [tuple(r[c] for c in columns) for r in rows])
 
 
+@app.command()
+def lineage(
+    dataset: Annotated[
+        str, typer.Argument(help="kind (latest), kind__v<N>, kind:<version> or a version id.")
+    ],
+    workspace: WorkspaceOpt = Path("workspace"),
+    debug: DebugOpt = False,
+) -> None:
+    """Print the chain of datasets (with their configs) that produced DATASET, back to the prompts.
+
+    Examples:
+      bvpo lineage eval_results
+      bvpo lineage pairs_trace__v2
+    """
+    import json
+
+    from storage import DatasetStore
+
+    catalog = DatasetStore(workspace).catalog
+    try:
+        chain = catalog.lineage(catalog.resolve(dataset))
+    except Exception as exc:
+        _fail(exc, debug)
+        return
+    for depth, ref, config in chain:
+        indent = "  " * depth
+        console.print(f"{indent}[bold]{ref.name}[/bold] ({ref.version}, {ref.row_count} rows)")
+        console.print(
+            f"{indent}  config: {json.dumps(config, sort_keys=True)}", markup=False, highlight=False
+        )
+
+
 def _print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
     if not sys.stdout.isatty():
         print("\t".join(columns))

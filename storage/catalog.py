@@ -185,6 +185,23 @@ class Catalog:
             raise CatalogError(f"{ref.qualified} is not registered")
         return list(row[0]), json.loads(row[1])
 
+    def lineage(self, ref: DatasetRef) -> list[tuple[int, DatasetRef, dict[str, Any]]]:
+        """``(depth, dataset, config)`` for ``ref`` and every ancestor, depth-first back to the prompts."""
+        out: list[tuple[int, DatasetRef, dict[str, Any]]] = []
+        seen: set[str] = set()
+
+        def walk(node: DatasetRef, depth: int) -> None:
+            parents, config = self.parents_of(node)
+            out.append((depth, node, config))
+            if node.qualified in seen:
+                return
+            seen.add(node.qualified)
+            for parent in parents:
+                walk(self.resolve(parent), depth + 1)
+
+        walk(ref, 0)
+        return out
+
     def list_datasets(self) -> list[dict[str, Any]]:
         with self.connect(read_only=True) as conn:
             cursor = conn.execute(

@@ -91,3 +91,20 @@ def test_sql_interface_cannot_read_outside_the_lake(tmp_path: Path) -> None:
     outside.write_text("a\n1\n")
     with pytest.raises(QueryError, match=r"disabled|Permission"):
         run_readonly_query(store.catalog, store.lake, f"select * from read_csv('{outside}')")
+
+
+def test_lineage_walks_back_to_the_root_with_configs(tmp_path: Path) -> None:
+    store = DatasetStore(tmp_path)
+    root = store.put("rejects", _rejects(1), config={"stage": "root"}, parents=[])
+    middle = store.put("rejects", _rejects(2), config={"stage": "middle"}, parents=[root])
+    leaf = store.put("rejects", _rejects(3), config={"stage": "leaf"}, parents=[middle, root])
+    chain = store.catalog.lineage(leaf)
+    assert [(depth, ref.version, cfg["stage"]) for depth, ref, cfg in chain] == [
+        (0, leaf.version, "leaf"),
+        (1, middle.version, "middle"),
+        (2, root.version, "root"),
+        (1, root.version, "root"),
+    ]
+    assert store.catalog.resolve("rejects__v2") == middle
+    assert store.catalog.resolve(f"rejects:{root.version}") == root
+    assert store.catalog.resolve("rejects") == leaf
