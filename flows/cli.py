@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.config import PipelineConfig, load_config
 
@@ -32,7 +34,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")
 def _fail(exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(Text.assemble(("error:", "red"), f" {exc}"), soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -88,27 +90,66 @@ def print_summary(summary: dict[str, Any]) -> None:
         console.print(f'  bvpo sql -w {workspace} "select * from {kind} limit 5"')
 
 
+class SqlFormat(StrEnum):
+    """Output formats of ``bvpo sql``."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
 @app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="A read-only SQL query over the dataset views.")],
     workspace: WorkspaceOpt = Path("workspace"),
+    format_: Annotated[
+        SqlFormat,
+        typer.Option("--format", "-f", help="table (terminal), csv, json (array of rows) or parquet."),
+    ] = SqlFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the result to FILE (csv, json, parquet).")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run a read-only SQL query over the catalog (one view per dataset kind, plus kind__v<N>).
 
+    Only SELECT (and EXPLAIN of a SELECT) runs; anything that could write is refused with exit code 1.
+
     Examples:
       bvpo sql "select count(*) from generations"
       bvpo sql "select mode, avg(score) from scores group by mode"
+      bvpo sql "select * from pairs_trace" --format parquet --output pairs.parquet
+      bvpo sql "select * from datasets" --format json
     """
-    from storage import DatasetStore, run_readonly_query
+    from storage import DatasetStore, QueryRefused, run_readonly_arrow, write_result
 
+    if format_ is SqlFormat.table and output is not None:
+        err.print("[red]error:[/red] --output needs --format csv, json or parquet")
+        raise typer.Exit(code=2)
+    if format_ is SqlFormat.parquet and output is None:
+        err.print("[red]error:[/red] --format parquet needs --output FILE")
+        raise typer.Exit(code=2)
     store = DatasetStore(workspace)
     try:
-        columns, rows = run_readonly_query(store.catalog, store.lake, query)
+        result = run_readonly_arrow(store.catalog, store.lake, query)
+    except QueryRefused as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
     except Exception as exc:
         _fail(exc, debug)
         return
-    _print_rows(columns, rows)
+    if format_ is SqlFormat.table:
+        columns = [c.to_pylist() for c in result.columns]
+        _print_rows(result.column_names, list(zip(*columns, strict=True)) if columns else [])
+        return
+    try:
+        write_result(result, format_.value, output, None if output else sys.stdout.buffer)
+    except Exception as exc:
+        _fail(exc, debug)
+        return
+    if output is not None:
+        err.print(f"wrote {result.num_rows} rows to {output}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

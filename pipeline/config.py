@@ -7,7 +7,7 @@ takes :class:`PipelineConfig`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,25 +83,176 @@ class GenerationConfig(_Section):
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
 
 
-class ScoringConfig(_Section):
-    """Final-answer scorers."""
+class VerifiableOptions(_Section):
+    """Options of the ``verifiable`` scorer (math-verify equivalence and instruction constraints)."""
 
-    scorers: list[str] = Field(default_factory=lambda: ["verifiable"], min_length=1)
+    timeout_seconds: int | None = Field(
+        5, ge=1, description="Bound on each math-verify call (main thread only; signal based)."
+    )
+
+
+class RewardModelOptions(_Section):
+    """Options of the ``reward_model`` scorer: a Hugging Face sequence-classification reward model."""
+
+    model: str = Field(
+        description="Local checkpoint directory or hub id (e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B)."
+    )
+    batch_size: int = Field(8, ge=1, description="Conversations per forward pass (length-sorted batches).")
+    max_length: int = Field(
+        4096, ge=8, description="Token limit; longer conversations lose their start and are flagged."
+    )
+    normalize: Literal["none", "sigmoid"] = Field(
+        "none", description="'sigmoid' maps the raw reward to (0, 1) so it composes with [0, 1] scorers."
+    )
+    label_index: int = Field(0, ge=0, description="Which output logit is the reward (multi-head models).")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="'auto': bfloat16 on GPU, float32 on CPU."
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="'auto' (the GPU when there is one), 'cpu', 'cuda' or 'cuda:N'.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow the model repository to run its own code.")
+
+
+class JudgeOptions(_Section):
+    """Options of the ``judge`` scorer: an LLM judge behind an OpenAI-compatible chat endpoint."""
+
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="Endpoint root; '/chat/completions' is appended."
+    )
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (none: no key sent)."
+    )
+    rubric: str | None = Field(
+        None,
+        description="Custom judge prompt with '{question}' and '{answer}' placeholders; it must ask for "
+        "'Rating: [[N]]' with N from 1 to 10. None: the built-in rubric.",
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(512, ge=1, description="Token limit of each judgement.")
+    timeout_s: float = Field(120.0, gt=0.0, description="Per-request timeout.")
+    max_retries: int = Field(2, ge=0, description="Retries after connection errors, 429 and 5xx answers.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+    normalize: bool = Field(True, description="Map the 1-10 rating to [0, 1] as (rating - 1) / 9.")
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric_placeholders(cls, value: str | None) -> str | None:
+        if value is not None and not ("{question}" in value and "{answer}" in value):
+            raise ValueError("a judge rubric needs both '{question}' and '{answer}' placeholders")
+        return value
+
+
+class _ScorerSpec(_Section):
+    label: str | None = Field(
+        None, description="Name of this component in the 'components' column; defaults to the scorer name."
+    )
+    weight: float = Field(1.0, gt=0.0, description="Weight of this component in the summed score.")
+
+    @property
+    def key(self) -> str:
+        """The component's name in the ``components`` column."""
+        return self.label or str(getattr(self, "name"))  # noqa: B009  (name is defined by subclasses)
+
+
+class VerifiableScorerSpec(_ScorerSpec):
+    name: Literal["verifiable"] = "verifiable"
+    options: VerifiableOptions = Field(default_factory=VerifiableOptions)
+
+
+class RewardModelScorerSpec(_ScorerSpec):
+    name: Literal["reward_model"] = "reward_model"
+    options: RewardModelOptions
+
+
+class JudgeScorerSpec(_ScorerSpec):
+    name: Literal["judge"] = "judge"
+    options: JudgeOptions
+
+
+ScorerSpec = Annotated[
+    VerifiableScorerSpec | RewardModelScorerSpec | JudgeScorerSpec, Field(discriminator="name")
+]
+"""One weighted component of the score: ``{name, weight, options}`` (plus an optional ``label``)."""
+
+
+class ScoringConfig(_Section):
+    """Final-answer scorers; the stored score is the weighted sum of their components."""
+
+    scorers: list[ScorerSpec] = Field(
+        default_factory=lambda: [VerifiableScorerSpec()],
+        min_length=1,
+        description="Components of the score, each {name, weight, options}; a bare name means weight 1 and "
+        "default options. Use weights summing to 1 to keep the score in [0, 1].",
+    )
+
+    @field_validator("scorers", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> ScoringConfig:
+        keys = [spec.key for spec in self.scorers]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(
+                f"scorer component names must be unique (give a 'label'): {', '.join(duplicates)}"
+            )
+        return self
 
 
 class PairingConfig(_Section):
-    """Best-vs-worst pairing per prompt and mode."""
+    """Best-vs-worst pairing per prompt and mode (chosen: best well-formed answer; rejected: worst)."""
 
     min_margin: float = Field(0.1, ge=0.0, description="Pairs whose score gap is below this are dropped.")
+    max_length_ratio: float | None = Field(
+        None,
+        ge=1.0,
+        description="Drop pairs whose chosen answer is more than this many times longer than the rejected "
+        "one (guards against length bias); None: no length rule.",
+    )
+    length_unit: Literal["tokens", "chars"] = Field(
+        "tokens", description="How answer length is measured for max_length_ratio and length_ratio."
+    )
+    rejected_must_parse: bool = Field(
+        True,
+        description="Only well-formed answers (parse_ok) may be rejected; False lets malformed answers be "
+        "rejected (chosen answers are always well-formed).",
+    )
+
+
+class LoraSettings(_Section):
+    """LoRA adapters through ``peft`` (merged into the saved checkpoint)."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+ALPHA_BASELINES = {"dpo_trace": 1.0, "dpo_empty": 0.0}
 
 
 class TrainConfig(_Section):
     """BVPO training: L = α·L_t + (1−α)·L_e (DESIGN.md §1)."""
 
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="1 = DPO on traces, 0 = DPO on empty traces.")
+    alpha: float | Literal["dpo_trace", "dpo_empty"] = Field(
+        0.5,
+        description="Mixing weight α in [0, 1]; 'dpo_trace' (α=1) and 'dpo_empty' (α=0) name the baselines.",
+    )
     beta: float = Field(0.1, gt=0.0, description="DPO temperature β.")
     max_steps: int = Field(12, ge=1)
-    batch_size: int = Field(2, ge=1, description="Pairs per mode in each micro-batch.")
+    batch_size: int = Field(
+        2, ge=1, description="Pairs per mode in each micro-batch (global, over processes)."
+    )
     grad_accum_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -110,7 +261,23 @@ class TrainConfig(_Section):
     max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer pairs are truncated.")
     bf16: bool = Field(True, description="bf16 autocast where the hardware supports it.")
     sampling: Literal["cycle", "replacement"] = Field("cycle", description="How each mode's pairs are drawn.")
+    checkpoint_every: int = Field(5, ge=0, description="Save a resumable state every N steps (0: never).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes (torchrun; gloo on CPU).")
     seed: int = 0
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_range(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int) and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] or one of {sorted(ALPHA_BASELINES)}, got {value}")
+        return value
+
+    @property
+    def alpha_value(self) -> float:
+        """α as a number (baseline names resolved)."""
+        return ALPHA_BASELINES[self.alpha] if isinstance(self.alpha, str) else float(self.alpha)
 
 
 class EvalConfig(_Section):

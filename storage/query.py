@@ -1,50 +1,123 @@
 """Read-only SQL over the catalog, confined to the lake.
 
-Two independent guards: only read statements are accepted (checked on DuckDB's own parse), and the
-connection is read-only with file access limited to the lake directory, so functions such as
-``read_csv('/etc/passwd')`` or ``COPY … TO`` elsewhere fail even if a statement slipped through.
+Three independent guards:
+
+1. only read statements are accepted, checked on DuckDB's own parse (:mod:`storage.sql_guard`);
+2. the query never touches the catalog file: the ``datasets`` rows are copied (under a shared lock held
+   for milliseconds) into a private in-memory DuckDB, with views over the lake built there, so a long
+   query neither blocks the pipeline's writers nor can change the catalog;
+3. that connection has external access disabled except for the lake (``allowed_directories``) and its
+   configuration locked, so ``read_csv('/etc/passwd')``, ``glob('/etc/*')``, ``INSTALL`` or ``LOAD`` fail
+   even if a statement slipped past the first guard. No extension is ever installed or auto-loaded.
+
+Views: ``datasets`` (every registered version), one per kind (its latest version) and ``kind__v<N>`` for
+each version the query names. A view whose files cannot be read fails with a message naming the dataset.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
-from storage.catalog import Catalog
+from storage.catalog import Catalog, dataset_glob, sql_literal
+from storage.lakefs import LakeFS
+from storage.sql_guard import QueryError, QueryRefused, check_read_only
 
-_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+__all__ = ["QueryError", "QueryRefused", "run_readonly_arrow", "run_readonly_query"]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class QueryError(ValueError):
-    """A query was refused or failed."""
-
-
-def run_readonly_query(catalog: Catalog, lake: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+def run_readonly_query(
+    catalog: Catalog, lake: Path | str | LakeFS, sql: str
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run one or more read statements; return the column names and rows of the last one."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryError(f"cannot parse query: {exc}") from exc
-    if not statements:
-        raise QueryError("empty query")
-    for statement in statements:
-        if statement.type not in _ALLOWED:
-            raise QueryError(
-                f"only SELECT queries are allowed here, not {statement.type.name}: the catalog is read-only"
-            )
-    with catalog.connect(read_only=True) as conn:
-        conn.execute(f"SET allowed_directories=['{Path(lake).resolve()!s}/']")
+    table = run_readonly_arrow(catalog, lake, sql)
+    columns = [c.to_pylist() for c in table.columns]
+    return table.column_names, list(zip(*columns, strict=True)) if columns else []
+
+
+def run_readonly_arrow(catalog: Catalog, lake: Path | str | LakeFS, sql: str) -> pa.Table:
+    """Run one or more read statements; return the result of the last one as an Arrow table."""
+    lake_fs = lake if isinstance(lake, LakeFS) else LakeFS(lake)
+    with (
+        tempfile.TemporaryDirectory(prefix="bvpo-sql-") as spill,
+        duckdb.connect(config=_config(spill)) as conn,
+    ):
+        queries = check_read_only(sql, conn)  # before anything is loaded: a refusal touches nothing
+        snapshot = catalog.snapshot()
+        if not lake_fs.is_local:
+            _enable_object_store(conn, lake_fs)
+        conn.execute(f"SET allowed_directories=[{sql_literal(lake_fs.sql_prefix())}]")
         conn.execute("SET enable_external_access=false")
         conn.execute("SET lock_configuration=true")
-        columns: list[str] = []
-        rows: list[tuple[Any, ...]] = []
-        for statement in statements:
+        _load_catalog(conn, snapshot, set(_IDENTIFIER.findall(sql.lower())))
+        result: pa.Table | None = None
+        for query in queries:
             try:
-                cursor = conn.execute(statement.query)
-                columns = [d[0] for d in cursor.description or []]
-                rows = cursor.fetchall()
+                relation = conn.sql(query)
+                result = relation.to_arrow_table() if relation is not None else None
             except duckdb.Error as exc:
                 raise QueryError(str(exc).splitlines()[0]) from exc
-        return columns, rows
+        return result if result is not None else pa.table({})
+
+
+def _config(spill: str) -> dict[str, Any]:
+    return {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "temp_directory": spill,  # a private, empty spill folder (DuckDB allows its temp folder)
+    }
+
+
+def _load_catalog(conn: duckdb.DuckDBPyConnection, snapshot: pa.Table, referenced: set[str]) -> None:
+    """Create ``datasets``, the latest view per kind, and the ``kind__v<N>`` views ``referenced`` names."""
+    conn.register("_catalog_snapshot", snapshot)
+    conn.execute("CREATE TABLE datasets AS SELECT * FROM _catalog_snapshot")
+    conn.unregister("_catalog_snapshot")
+    rows = conn.execute(
+        "SELECT name, kind, version, path, row_number() OVER "
+        "(PARTITION BY kind ORDER BY created_at DESC, number DESC) = 1 AS latest "
+        "FROM datasets WHERE status = 'complete'"
+    ).fetchall()
+    for name, kind, version, path, latest in rows:
+        if name.lower() in referenced:
+            _create_view(conn, name, name, version, path)
+        if latest:
+            _create_view(conn, kind, name, version, path)
+
+
+def _create_view(conn: duckdb.DuckDBPyConnection, view: str, name: str, version: str, path: str) -> None:
+    try:
+        conn.execute(f'CREATE VIEW "{view}" AS SELECT * FROM read_parquet({sql_literal(dataset_glob(path))})')
+    except duckdb.Error as exc:  # the files are gone or unreadable: fail only the queries that use it
+        reason = str(exc).splitlines()[0]
+        message = f"dataset {name} (version {version}, path {path}) cannot be read: {reason}"
+        fail = f"error({sql_literal(message)})"  # in the filter too, so count(*) cannot skip it
+        conn.execute(f'CREATE VIEW "{view}" AS SELECT {fail} AS error FROM range(1) WHERE {fail} IS NULL')
+
+
+def _enable_object_store(conn: duckdb.DuckDBPyConnection, lake: LakeFS) -> None:
+    """Load httpfs (installed beforehand by the user; never downloaded here) and S3 keys from the env."""
+    try:
+        conn.execute("LOAD httpfs")
+    except duckdb.Error as exc:
+        raise QueryError(
+            f"the lake {lake.root} needs DuckDB's httpfs extension: install it once with "
+            f"`duckdb -c 'INSTALL httpfs'` ({str(exc).splitlines()[0]})"
+        ) from exc
+    if lake.root.startswith("s3://") and os.environ.get("AWS_ACCESS_KEY_ID"):
+        options = {
+            "KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+            "SECRET": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            "SESSION_TOKEN": os.environ.get("AWS_SESSION_TOKEN"),
+            "REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        }
+        body = ", ".join(f"{key} {sql_literal(value)}" for key, value in options.items() if value)
+        conn.execute(f"CREATE TEMPORARY SECRET bvpo_lake (TYPE s3, {body})")

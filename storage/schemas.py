@@ -24,6 +24,8 @@ _PAIR_FIELDS = [
     pa.field("margin", pa.float64(), nullable=False),
     pa.field("chosen_generation_id", pa.string(), nullable=False),
     pa.field("rejected_generation_id", pa.string(), nullable=False),
+    pa.field("num_candidates", pa.int32()),  # usable answers the pair was chosen from
+    pa.field("length_ratio", pa.float64()),  # chosen / rejected answer length (PairingConfig.length_unit)
 ]
 
 _GENERATION_FIELDS = [
@@ -54,6 +56,8 @@ _SCORE_FIELDS = [
     pa.field("scorer", pa.string(), nullable=False),
     pa.field("score", pa.float64(), nullable=False),
     pa.field("checks", pa.string(), nullable=False),  # JSON object: check name -> passed
+    pa.field("components", pa.string()),  # JSON object: component name -> its score (score = weighted sum)
+    pa.field("details", pa.string()),  # JSON object: component name -> extra facts (raw reward, judge text)
 ]
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -90,14 +94,19 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("loss_t", pa.float64()),
             pa.field("loss_e", pa.float64()),
             pa.field("alpha", pa.float64(), nullable=False),
+            pa.field("chosen_reward_t", pa.float64()),
+            pa.field("rejected_reward_t", pa.float64()),
             pa.field("reward_margin_t", pa.float64()),
-            pa.field("reward_margin_e", pa.float64()),
             pa.field("reward_acc_t", pa.float64()),
+            pa.field("chosen_reward_e", pa.float64()),
+            pa.field("rejected_reward_e", pa.float64()),
+            pa.field("reward_margin_e", pa.float64()),
             pa.field("reward_acc_e", pa.float64()),
             pa.field("grad_norm", pa.float64(), nullable=False),
             pa.field("lr", pa.float64(), nullable=False),
             pa.field("tokens", pa.int64(), nullable=False),
             pa.field("tokens_per_s", pa.float64(), nullable=False),
+            pa.field("seconds", pa.float64(), nullable=False),
             pa.field("checkpoint", pa.string(), nullable=False),
         ]
     ),

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
@@ -139,7 +140,7 @@ def score_task(config: PipelineConfig, prompts: DatasetRef, generations: Dataset
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
         by_id = {p["prompt_id"]: p for p in store.read_rows(prompts)}
-        result = score_generations(store.read_rows(generations), by_id, config.scoring.scorers)
+        result = score_generations(store.read_rows(generations), by_id, config.scoring)
         return _table("scores", result.rows), result.rejects
 
     return _materialize(
@@ -160,6 +161,19 @@ def pair_task(
     if cached[0] is not None and cached[1] is not None:
         return cached[0], cached[1]
     result = build_pairs(store.read(generations), store.read(scores), config.pairing)
+    logger = get_run_logger()
+    for row in result.stats:
+        dropped = {k.removeprefix("dropped_"): v for k, v in row.items() if k.startswith("dropped_") and v}
+        logger.info(
+            "pairs %s: %d of %d prompts; dropped %s", row["mode"], row["pairs"], row["prompts"], dropped
+        )
+    create_table_artifact(
+        key="pairing-stats",
+        table=[
+            {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()} for row in result.stats
+        ],
+        description=f"Pairs per mode, drops by reason, unusable answers, margins. Policy: {settings}",
+    )
     trace = _materialize(
         store, "pairs_trace", settings, parents, lambda: (result.pairs_trace, result.rejects)
     )
@@ -198,7 +212,7 @@ def reference_logps_task(
 def train_task(
     config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef, ref_logps: DatasetRef
 ) -> TrainOutput:
-    from pipeline.training.trainer import train_bvpo
+    from pipeline.training.run import train_bvpo
 
     store = _store(config)
     logger = get_run_logger()
@@ -230,7 +244,10 @@ def train_task(
             on_step=log_step,
         )
         delta["value"] = result.weight_delta_l2
-        return _table("train_metrics", result.metrics), []
+        if result.resumed_from_step:
+            logger.info("resumed training from step %d", result.resumed_from_step)
+        rows = [{**m, "checkpoint": str(checkpoint)} for m in result.metrics]
+        return _table("train_metrics", rows), []
 
     metrics = _materialize(store, "train_metrics", settings, parents, compute)
     if not (checkpoint / "config.json").is_file():

@@ -108,3 +108,71 @@ def test_lineage_walks_back_to_the_root_with_configs(tmp_path: Path) -> None:
     assert store.catalog.resolve("rejects__v2") == middle
     assert store.catalog.resolve(f"rejects:{root.version}") == root
     assert store.catalog.resolve("rejects") == leaf
+
+
+# --- layering and the lake location -----------------------------------------------------------------------
+
+
+def test_storage_imports_none_of_the_other_layers() -> None:
+    import ast
+
+    for path in (Path(__file__).resolve().parents[1] / "storage").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                assert name.split(".")[0] not in {"pipeline", "tasks", "flows"}, f"{path.name} imports {name}"
+
+
+def test_lake_can_live_outside_the_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BVPO_LAKE", str(tmp_path / "elsewhere"))
+    store = DatasetStore(tmp_path / "ws")
+    ref = store.put("rejects", _rejects(4), config={}, parents=[])
+    assert store.lake == tmp_path / "elsewhere" and ref.path == str(
+        tmp_path / "elsewhere" / "rejects" / ref.version
+    )
+    assert run_readonly_query(store.catalog, store.lake, "select count(*) from rejects")[1] == [(4,)]
+    assert not (tmp_path / "ws" / "lake").exists()
+
+
+def test_object_store_code_path_on_a_local_stand_in(tmp_path: Path) -> None:
+    """The s3:// branch of LakeFS (no rename, copy then delete) run against a local pyarrow filesystem."""
+    import pyarrow.fs as pafs
+
+    from storage import CatalogError, DatasetReadError, LakeFS
+
+    bucket = tmp_path / "bucket-root"
+    bucket.mkdir()
+    lake = LakeFS("s3://bucket/lake/", filesystem=pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem()))
+    assert not lake.is_local and lake.root == "s3://bucket/lake" and lake.sql_prefix() == "s3://bucket/lake/"
+    store = DatasetStore(tmp_path / "ws", lake=lake)
+    ref = store.put("rejects", _rejects(3), config={}, parents=[])
+    assert ref.path == f"s3://bucket/lake/rejects/{ref.version}"
+    assert sorted(p.name for p in (bucket / "bucket" / "lake" / "rejects").iterdir()) == [ref.version]
+    assert store.read(ref).num_rows == 3 and store.lookup("rejects", {}, []) == ref
+    assert store.catalog.resolve("rejects") == ref
+    (bucket / "bucket" / "lake" / "rejects" / ref.version / "part-00000.parquet").unlink()
+    with pytest.raises(DatasetReadError, match=r"rejects__v1 \(version .*, path s3://bucket/lake/rejects/"):
+        store.read(ref)
+    # SQL over an object store needs DuckDB's httpfs, which is never downloaded here.
+    if not _httpfs_installed():
+        with pytest.raises(QueryError, match="needs DuckDB's httpfs extension"):
+            run_readonly_query(store.catalog, lake, "select 1")
+    with pytest.raises(CatalogError, match="no registered dataset"):
+        store.catalog.resolve("rejects__vx")
+
+
+def _httpfs_installed() -> bool:
+    import duckdb
+
+    with duckdb.connect(config={"autoinstall_known_extensions": False}) as conn:
+        try:
+            conn.execute("LOAD httpfs")
+        except duckdb.Error:
+            return False
+    return True

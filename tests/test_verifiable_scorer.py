@@ -184,3 +184,131 @@ def test_reasonable_powers_still_verify(scorer: VerifiableScorer) -> None:
     assert _score_in_thread(scorer, "1024", "2^10").score == 1.0
     assert _score_in_thread(scorer, "$2^{2010}$", "$2^{2010}$").score == 1.0
     assert _score_in_thread(scorer, "3628800", "$10!$").score == 1.0
+
+
+# ---- a hand-written table: answer/expected cases, each with the exact checks it must produce ----
+
+_MAX5 = {"type": "max_words", "value": 5}
+_MIN3 = {"type": "min_words", "value": 3}
+_KEYS = {"type": "include_keywords", "value": ["river", "light"]}
+_FORBID = {"type": "forbid_words", "value": ["very", "good"]}
+_LOWER = {"type": "all_lowercase"}
+_UPPER = {"type": "all_uppercase"}
+_START = {"type": "start_with", "value": "In short"}
+_END = {"type": "end_with", "value": "The end."}
+_BULLETS3 = {"type": "num_bullets", "value": 3}
+_NO_COMMAS = {"type": "no_commas"}
+_JSON = {"type": "json_format"}
+
+# (id, task_type, reference answer, constraints, answer, expected checks); the score is their pass rate.
+TABLE: list[tuple[str, str, str | None, list[dict], str, dict[str, bool]]] = [
+    ("half-vs-decimal", "math", "0.5", [], "1/2", {"answer_correct": True}),
+    ("decimal-vs-half", "math", "1/2", [], "0.5", {"answer_correct": True}),
+    ("latex-frac", "math", "0.5", [], "$\\frac{1}{2}$", {"answer_correct": True}),
+    ("latex-frac-short", "math", "0.5", [], "$\\frac12$", {"answer_correct": True}),
+    ("latex-reference", "math", "\\frac{3}{4}", [], "0.75", {"answer_correct": True}),
+    ("boxed", "math", "17", [], "\\boxed{17}", {"answer_correct": True}),
+    ("boxed-in-sentence", "math", "17", [], "The final answer is $\\boxed{17}$.", {"answer_correct": True}),
+    ("boxed-dfrac", "math", "3", [], "$\\boxed{\\dfrac{6}{2}}$", {"answer_correct": True}),
+    ("inline-math", "math", "42", [], "\\(42\\)", {"answer_correct": True}),
+    ("negative-frac", "math", "-0.5", [], "-\\frac{1}{2}", {"answer_correct": True}),
+    ("trailing-zero", "math", "2", [], "2.0", {"answer_correct": True}),
+    ("percent", "math", "0.25", [], "25%", {"answer_correct": True}),
+    ("thousands", "math", "1000000", [], "1,000,000", {"answer_correct": True}),
+    ("power", "math", "8", [], "2^3", {"answer_correct": True}),
+    ("with-unit", "math", "12", [], "12 apples", {"answer_correct": True}),
+    ("last-number-wins", "math", "7", [], "First 3 + 4 = 7, then 7.", {"answer_correct": True}),
+    ("self-correction", "math", "12", [], "I think 11, no wait, 12", {"answer_correct": True}),
+    ("wrong-number", "math", "17", [], "18", {"answer_correct": False}),
+    ("wrong-boxed", "math", "17", [], "\\boxed{71}", {"answer_correct": False}),
+    ("wrong-sign", "math", "-3", [], "3", {"answer_correct": False}),
+    ("rounded-third", "math", "1/3", [], "0.33", {"answer_correct": False}),
+    ("close-decimal", "math", "0.5", [], "0.55", {"answer_correct": False}),
+    ("two-candidates", "math", "12", [], "12 or 13", {"answer_correct": False}),
+    ("number-in-words", "math", "2", [], "two", {"answer_correct": False}),
+    ("no-number", "math", "17", [], "no idea", {"answer_correct": False}),
+    ("empty-answer", "math", "17", [], "", {"answer_correct": False}),
+    ("max-words-pass", "instruction", None, [_MAX5], "One two three.", {"max_words": True}),
+    ("max-words-fail", "instruction", None, [_MAX5], "one two three four five six", {"max_words": False}),
+    ("min-words-pass", "instruction", None, [_MIN3], "Don't stop now", {"min_words": True}),
+    ("min-words-fail", "instruction", None, [_MIN3], "Too short", {"min_words": False}),
+    ("keywords-pass", "instruction", None, [_KEYS], "LIGHT on the River.", {"include_keywords": True}),
+    ("keywords-plural", "instruction", None, [_KEYS], "Rivers of lights.", {"include_keywords": False}),
+    ("forbid-pass", "instruction", None, [_FORBID], "Goodness, a fine day.", {"forbid_words": True}),
+    ("forbid-fail", "instruction", None, [_FORBID], "A Very fine day.", {"forbid_words": False}),
+    ("lower-pass", "instruction", None, [_LOWER], "quiet, 42 times.", {"all_lowercase": True}),
+    ("lower-fail", "instruction", None, [_LOWER], "Quiet.", {"all_lowercase": False}),
+    ("upper-pass", "instruction", None, [_UPPER], "LOUD, 42 TIMES!", {"all_uppercase": True}),
+    ("upper-fail", "instruction", None, [_UPPER], "LOUd", {"all_uppercase": False}),
+    ("start-pass", "instruction", None, [_START], "  in short: cook.", {"start_with": True}),
+    ("start-fail", "instruction", None, [_START], "Cook. In short", {"start_with": False}),
+    ("end-pass", "instruction", None, [_END], "A story. the END.\n", {"end_with": True}),
+    ("end-fail", "instruction", None, [_END], "The end. A story.", {"end_with": False}),
+    ("bullets-pass", "instruction", None, [_BULLETS3], "Tips:\n- a\n* b\n  - c", {"num_bullets": True}),
+    ("bullets-fail", "instruction", None, [_BULLETS3], "- a\n- b\n**bold** c", {"num_bullets": False}),
+    ("no-commas-pass", "instruction", None, [_NO_COMMAS], "One two.", {"no_commas": True}),
+    ("no-commas-fullwidth", "instruction", None, [_NO_COMMAS], "One，two.", {"no_commas": False}),
+    ("json-fenced", "instruction", None, [_JSON], '```json\n{"a": [1, 2]}\n```', {"json_format": True}),
+    ("json-invalid", "instruction", None, [_JSON], "{a: 1}", {"json_format": False}),
+    (
+        "three-constraints-two-met",
+        "instruction",
+        None,
+        [_MAX5, _LOWER, _KEYS],
+        "The river and the light",
+        {"max_words": True, "all_lowercase": False, "include_keywords": True},
+    ),
+    (
+        "repeated-type",
+        "instruction",
+        None,
+        [{"type": "include_keywords", "value": ["river"]}, {"type": "include_keywords", "value": ["sea"]}],
+        "a river",
+        {"include_keywords": True, "include_keywords#2": False},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("task_type", "reference", "constraints", "answer", "checks"),
+    [case[1:] for case in TABLE],
+    ids=[case[0] for case in TABLE],
+)
+def test_answer_table(
+    scorer: VerifiableScorer,
+    task_type: str,
+    reference: str | None,
+    constraints: list[dict],
+    answer: str,
+    checks: dict[str, bool],
+) -> None:
+    result = scorer.score(task_type, reference, constraints, answer)
+    assert result.error is None
+    assert result.checks == checks
+    assert result.score == pytest.approx(sum(checks.values()) / len(checks))
+
+
+def test_answer_table_covers_every_builtin_constraint_type() -> None:
+    from pipeline.prompts.builtin import CONSTRAINT_TYPES
+
+    assert len(TABLE) >= 30
+    used = {c["type"] for case in TABLE for c in case[3]}
+    assert used >= set(CONSTRAINT_TYPES)
+    for kind in CONSTRAINT_TYPES:  # each type both passes and fails somewhere in the table
+        outcomes = {checks[kind] for *_, checks in TABLE if kind in checks}
+        assert outcomes == {True, False}, kind
+    assert {correct for *_, checks in TABLE for k, correct in checks.items() if k == "answer_correct"} == {
+        True,
+        False,
+    }
+
+
+def test_score_batch_takes_score_inputs_and_never_a_trace(scorer: VerifiableScorer) -> None:
+    from pipeline.scoring.base import ScoreInput
+
+    items = [
+        ScoreInput(prompt="2+2?", answer="4", task_type="math", reference_answer="4"),
+        ScoreInput(prompt="Be brief.", answer="a, b", constraints=({"type": "no_commas"},)),
+    ]
+    assert [r.score for r in scorer.score_batch(items)] == [1.0, 0.0]
+    assert "trace" not in ScoreInput.__dataclass_fields__

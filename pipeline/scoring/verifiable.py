@@ -12,15 +12,19 @@ be bounded cheaply are dropped before comparison (they count as wrong answers).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import mpmath
 import sympy
 from math_verify import parse, verify
 from sympy.matrices import MatrixBase
+from tqdm.auto import tqdm
 
+from pipeline.scoring.base import ScoreInput, ScoreResult
 from pipeline.scoring.constraints import check_constraint
+
+__all__ = ["ScoreResult", "VerifiableScorer"]
 
 _MAX_EXPONENT = 10_000
 """Largest |exponent| of a power with a numeric exponent and a numeric base."""
@@ -28,18 +32,6 @@ _MAX_SYMBOLIC_EXPONENT = 100
 """Largest |exponent| of a power whose base holds symbols (expansion cost)."""
 _MAX_LOG2_SIZE = 14_000
 """Largest |log2| of a numeric sub-expression's absolute value (about 10^±4200)."""
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """Outcome of scoring one answer."""
-
-    score: float
-    """In [0, 1]: the fraction of checks passed."""
-    checks: dict[str, bool]
-    """Named checks, e.g. ``{"answer_correct": True}`` or ``{"max_words": False}``."""
-    error: str | None = None
-    """Why the row could not be scored, if it could not."""
 
 
 def _approx_abs(value: sympy.Basic) -> mpmath.mpf | None:
@@ -89,14 +81,23 @@ class VerifiableScorer:
             return self._score_instruction(constraints, answer)
         return ScoreResult(0.0, {}, error=f"unknown task_type {task_type!r}")
 
-    def score_batch(self, rows: list[dict]) -> list[ScoreResult]:
-        """Score rows with keys ``task_type``, ``reference_answer``, ``constraints``, ``answer``."""
-        return [
-            self.score(
-                row["task_type"], row.get("reference_answer"), row.get("constraints") or [], row["answer"]
-            )
-            for row in rows
-        ]
+    def score_batch(self, items: Sequence[ScoreInput | dict[str, Any]]) -> list[ScoreResult]:
+        """Score items (:class:`ScoreInput`, or dicts with ``task_type``, ``reference_answer``,
+        ``constraints`` and ``answer``), with a progress bar."""
+        results = []
+        for item in tqdm(items, desc="verifiable", unit="answer", disable=len(items) < 2):
+            if isinstance(item, ScoreInput):
+                task_type, reference, constraints, answer = (
+                    item.task_type,
+                    item.reference_answer,
+                    list(item.constraints),
+                    item.answer,
+                )
+            else:
+                task_type, reference = item["task_type"], item.get("reference_answer")
+                constraints, answer = item.get("constraints") or [], item["answer"]
+            results.append(self.score(task_type, reference, constraints, answer))
+        return results
 
     def _timeout(self) -> int | None:
         if threading.current_thread() is threading.main_thread():

@@ -94,7 +94,9 @@ def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
         logits = head(hidden[:, :-1][predict])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][predict]
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
     rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(predict)[predict]
     return torch.zeros(input_ids.shape[0], device=device, dtype=token_logps.dtype).index_add(
         0, rows, token_logps

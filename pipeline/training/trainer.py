@@ -1,6 +1,10 @@
-"""The BVPO training loop: each optimizer step draws a D_t batch and a D_e batch (DESIGN.md §1).
+"""The BVPO training loop (DESIGN.md §1): every optimizer step draws a D_t batch and a D_e batch and
+minimizes ``L = α·L_t + (1−α)·L_e``. With α = 1 the empty-trace forward pass is skipped, with α = 0 the
+trace one.
 
-``L = α·L_t + (1−α)·L_e``; with α = 1 the empty-trace forward pass is skipped, with α = 0 the trace one.
+Single process or ``torch.distributed`` (DDP, gloo on CPU / nccl on GPU): every rank draws the same global
+batch and keeps its slice, so N ranks take the same steps as one process with the same global batch.
+Checkpoints hold model, optimizer, scheduler, sampler and RNG states, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -9,18 +13,35 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.training.loss import BVPOLoss, DPOOutput, PreferenceLogps
-from pipeline.training.modeling import autocast, load_model_and_tokenizer
-from pipeline.training.sequences import TokenizedPair, pairs_batch, sequence_logps, tokenize_pair
+from pipeline.training.modeling import autocast
+from pipeline.training.sampling import PairSampler
+from pipeline.training.sequences import SequenceBatch, TokenizedPair, pairs_batch, sequence_logps
+
+METRIC_KEYS = (
+    "loss",
+    "loss_t",
+    "loss_e",
+    "chosen_reward_t",
+    "rejected_reward_t",
+    "reward_margin_t",
+    "reward_acc_t",
+    "chosen_reward_e",
+    "rejected_reward_e",
+    "reward_margin_e",
+    "reward_acc_e",
+)
 
 
 class TrainingDataError(ValueError):
@@ -29,69 +50,33 @@ class TrainingDataError(ValueError):
 
 @dataclass(frozen=True)
 class RefPair:
+    """A tokenized pair with its precomputed reference log-probs."""
+
     tokens: TokenizedPair
     ref_chosen: float
     ref_rejected: float
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    checkpoint: Path
-    metrics: list[dict[str, Any]]
-    weight_delta_l2: float  # ‖θ_final − θ_initial‖₂ over all trained parameters
+class PolicyLogps(nn.Module):
+    """One forward call computing the summed response log-probs of a D_t batch and a D_e batch.
+
+    Wrapping both modes in one module call lets DDP see a single forward per backward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, trace: SequenceBatch | None, empty: SequenceBatch | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        logps_t = sequence_logps(self.model, trace) if trace is not None else None
+        logps_e = sequence_logps(self.model, empty) if empty is not None else None
+        return logps_t, logps_e
 
 
-def pair_sampler(items: Sequence[RefPair], batch_size: int, mode: str, seed: int) -> Iterator[list[RefPair]]:
-    """Endless batches: ``cycle`` walks reshuffled epochs, ``replacement`` draws uniformly."""
-    rng = random.Random(seed)
-    if mode == "replacement":
-        while True:
-            yield [items[rng.randrange(len(items))] for _ in range(batch_size)]
-    order: list[int] = []
-    while True:
-        batch = []
-        for _ in range(batch_size):
-            if not order:
-                order = list(range(len(items)))
-                rng.shuffle(order)
-            batch.append(items[order.pop()])
-        yield batch
-
-
-def _join_reference(
-    tokenizer: Any, pairs: Sequence[dict[str, Any]], ref_rows: dict[str, dict[str, Any]], max_length: int
-) -> list[RefPair]:
-    out = []
-    for pair in pairs:
-        ref = ref_rows.get(pair["pair_id"])
-        if ref is None:
-            raise TrainingDataError(f"pair '{pair['pair_id']}' has no reference log-probs")
-        out.append(
-            RefPair(
-                tokenize_pair(tokenizer, pair, max_length), ref["ref_chosen_logp"], ref["ref_rejected_logp"]
-            )
-        )
-    return out
-
-
-def _mode_logps(model: Any, batch: list[RefPair], pad_id: int) -> tuple[PreferenceLogps, int]:
-    seq = pairs_batch([p.tokens for p in batch], pad_id)
-    logps = sequence_logps(model, seq)
-    half = len(batch)
-    device = logps.device
-    return (
-        PreferenceLogps(
-            policy_chosen=logps[:half],
-            policy_rejected=logps[half:],
-            ref_chosen=torch.tensor([p.ref_chosen for p in batch], device=device, dtype=logps.dtype),
-            ref_rejected=torch.tensor([p.ref_rejected for p in batch], device=device, dtype=logps.dtype),
-        ),
-        seq.num_tokens,
-    )
-
-
-def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup then cosine decay to 0 over ``max_steps``."""
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 0 at ``max_steps``."""
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -102,116 +87,243 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _mode_metrics(out: DPOOutput | None, suffix: str) -> dict[str, float | None]:
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class BVPOTrainer:
+    """Owns the model, optimizer, schedule and samplers of one BVPO run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_t: Sequence[RefPair],
+        data_e: Sequence[RefPair],
+        config: TrainConfig,
+        pad_id: int,
+    ) -> None:
+        self.config = config
+        self.alpha = config.alpha_value
+        if self.alpha > 0 and not data_t:
+            raise TrainingDataError(f"alpha={self.alpha} needs trace pairs (D_t), but there are none")
+        if self.alpha < 1 and not data_e:
+            raise TrainingDataError(f"alpha={self.alpha} needs empty-trace pairs (D_e), but there are none")
+        self.rank, self.world_size = _world()
+        if config.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by {self.world_size} processes"
+            )
+        self.model = model
+        self.pad_id = pad_id
+        self.data_t = list(data_t) if self.alpha > 0 else []
+        self.data_e = list(data_e) if self.alpha < 1 else []
+        self.sampler_t = (
+            PairSampler(len(self.data_t), config.batch_size, config.sampling, config.seed)
+            if self.data_t
+            else None
+        )
+        self.sampler_e = (
+            PairSampler(len(self.data_e), config.batch_size, config.sampling, config.seed + 1)
+            if self.data_e
+            else None
+        )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
+        self.loss_fn = BVPOLoss(config.beta)
+        self.forward: nn.Module = PolicyLogps(model)
+        if self.world_size > 1:
+            self.forward = nn.parallel.DistributedDataParallel(self.forward)
+        self.step = 0
+        self.metrics: list[dict[str, Any]] = []
+
+    # -- one optimizer step -------------------------------------------------------------------------
+
+    def _local(self, data: list[RefPair], sampler: PairSampler | None) -> list[RefPair] | None:
+        if sampler is None:
+            return None
+        batch = [data[i] for i in sampler.next_batch()]
+        return batch[self.rank :: self.world_size]
+
+    def _prefs(self, logps: torch.Tensor | None, batch: list[RefPair] | None) -> PreferenceLogps | None:
+        if logps is None or batch is None:
+            return None
+        half = len(batch)
+        ref = torch.tensor(
+            [[p.ref_chosen, p.ref_rejected] for p in batch], dtype=logps.dtype, device=logps.device
+        )
+        return PreferenceLogps(logps[:half], logps[half:], ref[:, 0], ref[:, 1])
+
+    def train_step(self) -> dict[str, Any]:
+        """Accumulate ``grad_accum_steps`` micro-batches, clip, step; return the step's metrics."""
+        started = time.perf_counter()
+        self.model.train()
+        sums = dict.fromkeys(METRIC_KEYS, 0.0)
+        counts = dict.fromkeys(METRIC_KEYS, 0)
+        tokens = 0
+        accum = self.config.grad_accum_steps
+        for micro in range(accum):
+            batch_t = self._local(self.data_t, self.sampler_t)
+            batch_e = self._local(self.data_e, self.sampler_e)
+            seq_t = pairs_batch([p.tokens for p in batch_t], self.pad_id) if batch_t else None
+            seq_e = pairs_batch([p.tokens for p in batch_e], self.pad_id) if batch_e else None
+            tokens += (seq_t.num_tokens if seq_t else 0) + (seq_e.num_tokens if seq_e else 0)
+            sync = self.world_size == 1 or micro == accum - 1
+            context = self.forward.no_sync() if not sync else _null()  # type: ignore[operator]
+            with context:
+                with autocast(self.config.bf16):
+                    logps_t, logps_e = self.forward(seq_t, seq_e)
+                    out = self.loss_fn(
+                        self._prefs(logps_t, batch_t), self._prefs(logps_e, batch_e), self.alpha
+                    )
+                (out.loss / accum).backward()
+            for key, value in {
+                "loss": float(out.loss.detach()),
+                **_mode(out.trace, "t"),
+                **_mode(out.empty, "e"),
+            }.items():
+                if value is not None:
+                    sums[key] += value
+                    counts[key] += 1
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        values = {k: (sums[k] / counts[k] if counts[k] else None) for k in METRIC_KEYS}
+        values, tokens = _reduce_across_ranks(values, tokens, self.world_size)
+        elapsed = time.perf_counter() - started
+        row = {
+            "step": self.step,
+            "alpha": self.alpha,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "seconds": elapsed,
+            **values,
+        }
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"BVPO loss is not finite at step {self.step}: {row['loss']}")
+        self.metrics.append(row)
+        return row
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": {k: v for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler_t": self.sampler_t.state_dict() if self.sampler_t else None,
+            "sampler_e": self.sampler_e.state_dict() if self.sampler_e else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "metrics": self.metrics,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sampler_t and state["sampler_t"]:
+            self.sampler_t.load_state_dict(state["sampler_t"])
+        if self.sampler_e and state["sampler_e"]:
+            self.sampler_e.load_state_dict(state["sampler_e"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.step = int(state["step"])
+        self.metrics = list(state["metrics"])
+
+    def save_state(self, state_dir: Path) -> Path:
+        """Write ``state_dir/step-<k>.pt`` atomically (rank 0 only) and drop older states."""
+        path = state_dir / f"step-{self.step:06d}.pt"
+        if self.rank == 0:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(self.state_dict(), tmp)
+            tmp.rename(path)
+            for old in state_dir.glob("step-*.pt"):
+                if old != path:
+                    old.unlink()
+        return path
+
+    def resume_from(self, state_dir: Path) -> bool:
+        """Load the newest state in ``state_dir``; return whether one was found."""
+        states = sorted(state_dir.glob("step-*.pt")) if state_dir.is_dir() else []
+        if not states:
+            return False
+        self.load_state_dict(torch.load(states[-1], weights_only=False))
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def train(
+        self,
+        *,
+        state_dir: Path | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        stop_after: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run to ``config.max_steps`` (or ``stop_after`` steps, for tests of resuming)."""
+        last = self.config.max_steps if stop_after is None else min(stop_after, self.config.max_steps)
+        every = self.config.checkpoint_every
+        with tqdm(
+            total=last, initial=self.step, desc="BVPO training", unit="step", disable=self.rank != 0
+        ) as bar:
+            while self.step < last:
+                row = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if on_step is not None and self.rank == 0:
+                    on_step(row)
+                if state_dir is not None and every and (self.step % every == 0 or self.step == last):
+                    self.save_state(state_dir)
+        return self.metrics
+
+
+def _null() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _mode(out: DPOOutput | None, suffix: str) -> dict[str, float | None]:
     if out is None:
-        return {f"loss_{suffix}": None, f"reward_margin_{suffix}": None, f"reward_acc_{suffix}": None}
+        return {}
     margin = out.chosen_rewards - out.rejected_rewards
     return {
         f"loss_{suffix}": float(out.losses.mean().detach()),
+        f"chosen_reward_{suffix}": float(out.chosen_rewards.mean()),
+        f"rejected_reward_{suffix}": float(out.rejected_rewards.mean()),
         f"reward_margin_{suffix}": float(margin.mean()),
         f"reward_acc_{suffix}": float((margin > 0).float().mean()),
     }
 
 
-def train_bvpo(
-    model_path: str,
-    pairs_trace: Sequence[dict[str, Any]],
-    pairs_empty: Sequence[dict[str, Any]],
-    ref_logps: Sequence[dict[str, Any]],
-    config: TrainConfig,
-    output_dir: Path,
-    *,
-    trust_remote_code: bool = False,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainResult:
-    """Train with BVPO and save a Hugging Face checkpoint to ``output_dir`` (written atomically)."""
-    alpha = config.alpha
-    if alpha > 0 and not pairs_trace:
-        raise TrainingDataError(f"alpha={alpha} needs trace pairs (D_t), but pairs_trace is empty")
-    if alpha < 1 and not pairs_empty:
-        raise TrainingDataError(f"alpha={alpha} needs empty-trace pairs (D_e), but pairs_empty is empty")
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code)
-    refs = {mode: {r["pair_id"]: r for r in ref_logps if r["mode"] == mode} for mode in ("trace", "empty")}
-    data_t = _join_reference(tokenizer, pairs_trace, refs["trace"], config.max_length) if alpha > 0 else []
-    data_e = _join_reference(tokenizer, pairs_empty, refs["empty"], config.max_length) if alpha < 1 else []
-    sample_t = pair_sampler(data_t, config.batch_size, config.sampling, config.seed) if data_t else None
-    sample_e = pair_sampler(data_e, config.batch_size, config.sampling, config.seed + 1) if data_e else None
-
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    loss_fn = BVPOLoss(config.beta)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    model.train()
-    metrics: list[dict[str, Any]] = []
-    for step in tqdm(range(config.max_steps), desc="BVPO training", unit="step"):
-        started = time.perf_counter()
-        tokens = 0
-        sums: dict[str, list[float]] = {}
-        for _ in range(config.grad_accum_steps):
-            with autocast(config.bf16):
-                trace_logps = empty_logps = None
-                if sample_t is not None:
-                    trace_logps, n_t = _mode_logps(model, next(sample_t), tokenizer.pad_token_id)
-                    tokens += n_t
-                if sample_e is not None:
-                    empty_logps, n_e = _mode_logps(model, next(sample_e), tokenizer.pad_token_id)
-                    tokens += n_e
-                out = loss_fn(trace_logps, empty_logps, alpha)
-            (out.loss / config.grad_accum_steps).backward()
-            values = {
-                "loss": float(out.loss.detach()),
-                **_mode_metrics(out.trace, "t"),
-                **_mode_metrics(out.empty, "e"),
-            }
-            for key, value in values.items():
-                if value is not None:
-                    sums.setdefault(key, []).append(value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        row: dict[str, Any] = {
-            "step": step + 1,
-            "alpha": alpha,
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "tokens": tokens,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "checkpoint": str(output_dir),
-        }
-        for key in (
-            "loss",
-            "loss_t",
-            "loss_e",
-            "reward_margin_t",
-            "reward_margin_e",
-            "reward_acc_t",
-            "reward_acc_e",
-        ):
-            row[key] = sum(sums[key]) / len(sums[key]) if key in sums else None
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"BVPO loss is not finite at step {step + 1}: {row['loss']}")
-        metrics.append(row)
-        if on_step is not None:
-            on_step(row)
-
-    delta = math.sqrt(
-        sum(
-            float((p.detach() - initial[n]).pow(2).sum()) for n, p in model.named_parameters() if n in initial
-        )
-    )
-    _save_checkpoint(model, tokenizer, output_dir)
-    return TrainResult(checkpoint=output_dir, metrics=metrics, weight_delta_l2=delta)
+def _reduce_across_ranks(
+    values: dict[str, float | None], tokens: int, world_size: int
+) -> tuple[dict[str, float | None], int]:
+    if world_size == 1:
+        return values, tokens
+    keys = [k for k, v in values.items() if v is not None]
+    packed = torch.tensor([values[k] for k in keys] + [float(tokens)], dtype=torch.float64)
+    dist.all_reduce(packed)
+    reduced: dict[str, float | None] = dict(values)
+    for i, key in enumerate(keys):
+        reduced[key] = float(packed[i]) / world_size
+    return reduced, int(packed[-1])
 
 
-def _save_checkpoint(model: Any, tokenizer: Any, output_dir: Path) -> None:
+def save_hf_checkpoint(model: Any, tokenizer: Any, output_dir: Path) -> None:
+    """Save a standard Hugging Face directory (LoRA merged in) that vLLM can load; atomic."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.parent / f".tmp-{output_dir.name}"
     shutil.rmtree(staging, ignore_errors=True)

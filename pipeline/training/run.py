@@ -1,0 +1,159 @@
+"""Train BVPO from stored pairs: load the model, tokenize, resume if a state exists, train, save.
+
+``num_processes > 1`` launches the same work under ``torchrun`` (:mod:`pipeline.training.launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.training.modeling import load_model_and_tokenizer
+from pipeline.training.sequences import tokenize_pair
+from pipeline.training.trainer import BVPOTrainer, RefPair, TrainingDataError, save_hf_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    metrics: list[dict[str, Any]]
+    weight_delta_l2: float  # ‖θ_final − θ_initial‖₂ over the trained parameters
+    resumed_from_step: int
+
+
+def state_dir_for(output_dir: Path) -> Path:
+    """Where resumable training states of a checkpoint live."""
+    return output_dir.parent / f"{output_dir.name}.state"
+
+
+def join_reference(
+    tokenizer: Any, pairs: Sequence[dict[str, Any]], ref_rows: dict[str, dict[str, Any]], max_length: int
+) -> list[RefPair]:
+    """Tokenize pairs and attach their reference log-probs (every pair must have them)."""
+    out = []
+    for pair in pairs:
+        ref = ref_rows.get(pair["pair_id"])
+        if ref is None:
+            raise TrainingDataError(f"pair '{pair['pair_id']}' has no reference log-probs")
+        tokens = tokenize_pair(tokenizer, pair, max_length)
+        out.append(RefPair(tokens, float(ref["ref_chosen_logp"]), float(ref["ref_rejected_logp"])))
+    return out
+
+
+def prepare_model(model_path: str, config: TrainConfig, trust_remote_code: bool) -> tuple[Any, Any]:
+    model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if config.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model, tokenizer
+
+
+def train_bvpo(
+    model_path: str,
+    pairs_trace: Sequence[dict[str, Any]],
+    pairs_empty: Sequence[dict[str, Any]],
+    ref_logps: Sequence[dict[str, Any]],
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    trust_remote_code: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train with BVPO and save a Hugging Face checkpoint to ``output_dir`` (written atomically)."""
+    if config.num_processes > 1 and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return _launch_distributed(
+            model_path, pairs_trace, pairs_empty, ref_logps, config, output_dir, trust_remote_code
+        )
+    torch.manual_seed(config.seed)
+    model, tokenizer = prepare_model(model_path, config, trust_remote_code)
+    refs = {mode: {r["pair_id"]: r for r in ref_logps if r["mode"] == mode} for mode in ("trace", "empty")}
+    alpha = config.alpha_value
+    data_t = join_reference(tokenizer, pairs_trace, refs["trace"], config.max_length) if alpha > 0 else []
+    data_e = join_reference(tokenizer, pairs_empty, refs["empty"], config.max_length) if alpha < 1 else []
+    trainer = BVPOTrainer(model, data_t, data_e, config, pad_id=tokenizer.pad_token_id)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state_dir = state_dir_for(output_dir)
+    resumed = trainer.step if trainer.resume_from(state_dir) else 0
+    trainer.train(state_dir=state_dir, on_step=on_step)
+    delta = math.sqrt(
+        sum(
+            float((p.detach() - initial[n]).pow(2).sum()) for n, p in model.named_parameters() if n in initial
+        )
+    )
+    if trainer.rank == 0:
+        save_hf_checkpoint(model, tokenizer, output_dir)
+    return TrainResult(output_dir, trainer.metrics, delta, resumed)
+
+
+def _launch_distributed(
+    model_path: str,
+    pairs_trace: Sequence[dict[str, Any]],
+    pairs_empty: Sequence[dict[str, Any]],
+    ref_logps: Sequence[dict[str, Any]],
+    config: TrainConfig,
+    output_dir: Path,
+    trust_remote_code: bool,
+) -> TrainResult:
+    """Run :func:`train_bvpo` under torchrun with ``config.num_processes`` ranks."""
+    with tempfile.TemporaryDirectory(prefix="bvpo-train-") as tmp:
+        paths = {}
+        for name, rows in (
+            ("pairs_trace", pairs_trace),
+            ("pairs_empty", pairs_empty),
+            ("ref_logps", ref_logps),
+        ):
+            paths[name] = str(Path(tmp) / f"{name}.parquet")
+            pq.write_table(pa.Table.from_pylist(list(rows)), paths[name])
+        request = Path(tmp) / "request.json"
+        result_path = Path(tmp) / "result.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "model_path": model_path,
+                    "config": config.model_dump(mode="json"),
+                    "output_dir": str(output_dir),
+                    "trust_remote_code": trust_remote_code,
+                    "result": str(result_path),
+                    **paths,
+                }
+            )
+        )
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={config.num_processes}", "-m", "pipeline.training.launch", str(request),
+        ]  # fmt: skip
+        proc = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+            raise RuntimeError(f"distributed training failed (exit code {proc.returncode}):\n{tail}")
+        result = json.loads(result_path.read_text())
+    return TrainResult(output_dir, result["metrics"], result["weight_delta_l2"], result["resumed_from_step"])
