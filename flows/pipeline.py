@@ -5,6 +5,8 @@ Each flow takes a :class:`~pipeline.config.PipelineConfig`, so the Prefect UI re
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -23,6 +25,7 @@ from tasks.stages import (
     reference_logps_task,
     score_task,
     train_task,
+    training_plot_task,
     workspace_paths,
 )
 
@@ -70,6 +73,11 @@ def train_bvpo(config: PipelineConfig, data: DataRefreshOutput) -> TrainOutput:
     """BVPO training on D_t and D_e with precomputed reference log-probs."""
     out = train_task(config, data.pairs_trace, data.pairs_empty, data.ref_logps)
     metrics = read_rows(config, out.metrics)
+    plot = training_plot_task(config, out.metrics)
+    create_markdown_artifact(
+        key="train-curves",
+        markdown=f"# BVPO training curves\n\n![training curves]({_data_uri(plot)})\n\nPNG: `{plot}`",
+    )
     create_table_artifact(
         key="train-metrics",
         table=[{k: _round(v) for k, v in row.items() if k != "checkpoint"} for row in metrics],
@@ -162,6 +170,10 @@ def _datasets_artifact(refs: list[DatasetRef], key: str) -> None:
         table=[{"dataset": r.name, "kind": r.kind, "version": r.version, "rows": r.row_count} for r in refs],
         description='Datasets of this run; query them with `bvpo sql "select * from <kind>"`.',
     )
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _round(value: Any) -> Any:

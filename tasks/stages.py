@@ -255,6 +255,16 @@ def train_task(
     return TrainOutput(metrics=metrics, checkpoint=str(checkpoint), weight_delta_l2=delta.get("value"))
 
 
+@task(name="plot-training", cache_policy=NO_CACHE)
+def training_plot_task(config: PipelineConfig, metrics: DatasetRef) -> Path:
+    """PNG of the training curves under ``<workspace>/reports/``."""
+    from pipeline.training.plots import plot_training_curves
+
+    store = _store(config)
+    path = store.workspace / "reports" / f"{metrics.name}-{metrics.version}.png"
+    return plot_training_curves(store.read_rows(metrics), path)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 

@@ -102,7 +102,7 @@ def test_sql_cli_reads_the_catalog_after_a_run(tiny_run) -> None:
     assert result.exit_code == 0, result.output
     assert str(out.data.generations.row_count) in result.output
     refused = CliRunner().invoke(app, ["sql", "-w", str(config.workspace), "delete from datasets"])
-    assert refused.exit_code == 1 and "only SELECT" in refused.output
+    assert refused.exit_code == 1 and "read-only" in refused.output
 
 
 def test_rerun_with_same_inputs_reuses_every_dataset(tiny_run) -> None:
