@@ -1,23 +1,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pipeline.training.sequences import TokenizedPair, collate, pairs_batch, sequence_logps
+from tests.tiny_lm import tiny_model
 
 
 def _tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model(dtype=torch.float32).eval()
 
 
 def _naive_logp(model: LlamaForCausalLM, prompt: list[int], response: list[int]) -> float:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,37 @@ def pairs_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> SequenceBatch:
     return collate(sequences, pad_id)
 
 
+HEAD_CHUNK = 256  # positions per LM-head chunk
+
+
+def _chunk_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _token_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probs of ``targets`` ``[M]`` from hidden states ``[M, H]``, in chunks of positions.
+
+    With gradients on, each chunk is checkpointed: its ``[chunk, vocab]`` logits are recomputed in the
+    backward pass instead of being kept, so the vocabulary projection never holds ``[M, vocab]`` at once.
+    """
+    chunks = []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        h, t = hidden[start : start + HEAD_CHUNK], targets[start : start + HEAD_CHUNK]
+        if torch.is_grad_enabled():
+            chunks.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logps(head, h, t))
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0)
+
+
 def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
     """Summed log-probs of the response tokens of each sequence: ``[N]``.
 
-    The LM head runs only on the positions that predict a response token, which saves most of the
-    vocabulary projection for long prompts.
+    The LM head runs only on the positions that predict a response token (most of the vocabulary
+    projection of the prompt is skipped), in checkpointed chunks to bound memory.
     """
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
@@ -91,12 +119,10 @@ def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
     head = model.get_output_embeddings()
     if decoder is not None and head is not None:
         hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        logits = head(hidden[:, :-1][predict])
+        token_logps = _token_logps(head, hidden[:, :-1][predict], targets)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][predict]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+        token_logps = _chunk_logps(nn.Identity(), logits, targets)
     rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(predict)[predict]
     return torch.zeros(input_ids.shape[0], device=device, dtype=token_logps.dtype).index_add(
         0, rows, token_logps
