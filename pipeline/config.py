@@ -265,6 +265,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights.")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes (torchrun; gloo on CPU).")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With num_processes > 1: replicate the model (ddp) or shard it (fsdp, FSDP2)."
+    )
     seed: int = 0
 
     @field_validator("alpha")

@@ -145,26 +145,27 @@ def test_missing_mode_data_is_a_clear_error() -> None:
     BVPOTrainer(tiny_model(), random_pairs(2, 1, "t"), [], _config(alpha=1.0), pad_id=0)
 
 
-def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _distributed_worker(rank: int, world: int, init_file: str, out: str, strategy: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        trainer = BVPOTrainer(
-            tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), _config(alpha=0.4, max_steps=3), 0
-        )
+        config = _config(alpha=0.4, max_steps=3, distributed=strategy)
+        trainer = BVPOTrainer(tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), config, 0)
         trainer.train()
+        params = trainer.full_model_state_dict()  # collective under FSDP
         if rank == 0:
-            torch.save({"params": trainer.model.state_dict(), "metrics": trainer.metrics}, out)
+            torch.save({"params": params, "metrics": trainer.metrics}, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None:
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out), strategy), nprocs=2, join=True)
     single = BVPOTrainer(
         tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), _config(alpha=0.4, max_steps=3), 0
     )

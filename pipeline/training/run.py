@@ -23,7 +23,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.training.modeling import load_model_and_tokenizer
 from pipeline.training.sequences import tokenize_pair
-from pipeline.training.trainer import BVPOTrainer, RefPair, TrainingDataError, save_hf_checkpoint
+from pipeline.training.trainer import BVPOTrainer, RefPair, TrainingDataError, save_hf_checkpoint, scalar
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,14 @@ def train_bvpo(
     trainer.train(state_dir=state_dir, on_step=on_step)
     delta = math.sqrt(
         sum(
-            float((p.detach() - initial[n]).pow(2).sum()) for n, p in model.named_parameters() if n in initial
+            scalar((p.detach() - initial[n]).pow(2).sum())
+            for n, p in model.named_parameters()
+            if n in initial
         )
     )
+    full_weights = trainer.full_model_state_dict() if trainer.fsdp else None  # collective under FSDP
     if trainer.rank == 0:
-        save_hf_checkpoint(model, tokenizer, output_dir)
+        save_hf_checkpoint(model, tokenizer, output_dir, state_dict=full_weights)
     return TrainResult(output_dir, trainer.metrics, delta, resumed)
 
 

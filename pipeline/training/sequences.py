@@ -103,11 +103,12 @@ def _token_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torc
     return torch.cat(chunks) if chunks else hidden.new_zeros(0)
 
 
-def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
+def sequence_logps(model: Any, batch: SequenceBatch, full_forward: bool = False) -> torch.Tensor:
     """Summed log-probs of the response tokens of each sequence: ``[N]``.
 
     The LM head runs only on the positions that predict a response token (most of the vocabulary
-    projection of the prompt is skipped), in checkpointed chunks to bound memory.
+    projection of the prompt is skipped), in checkpointed chunks to bound memory. ``full_forward`` calls the
+    model itself instead (needed when wrappers such as FSDP act in the root module's forward).
     """
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
@@ -115,7 +116,7 @@ def sequence_logps(model: Any, batch: SequenceBatch) -> torch.Tensor:
     # Position t predicts token t+1: targets are the response tokens, inputs the positions before them.
     predict = batch.response_mask[:, 1:].to(device)
     targets = input_ids[:, 1:][predict]
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") and not full_forward else None
     head = model.get_output_embeddings()
     if decoder is not None and head is not None:
         hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state

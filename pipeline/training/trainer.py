@@ -63,15 +63,16 @@ class PolicyLogps(nn.Module):
     Wrapping both modes in one module call lets DDP see a single forward per backward.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, full_forward: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.full_forward = full_forward  # FSDP: go through the root module so its hooks gather weights
 
     def forward(
         self, trace: SequenceBatch | None, empty: SequenceBatch | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        logps_t = sequence_logps(self.model, trace) if trace is not None else None
-        logps_e = sequence_logps(self.model, empty) if empty is not None else None
+        logps_t = sequence_logps(self.model, trace, self.full_forward) if trace is not None else None
+        logps_e = sequence_logps(self.model, empty, self.full_forward) if empty is not None else None
         return logps_t, logps_e
 
 
@@ -129,14 +130,15 @@ class BVPOTrainer:
             if self.data_e
             else None
         )
+        self.fsdp = self.world_size > 1 and config.distributed == "fsdp"
+        if self.fsdp:
+            shard_model(model)  # before the optimizer: FSDP replaces parameters by sharded DTensors
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = _adamw(self.params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
         self.loss_fn = BVPOLoss(config.beta)
-        self.forward: nn.Module = PolicyLogps(model)
-        if self.world_size > 1:
+        self.forward: nn.Module = PolicyLogps(model, full_forward=self.fsdp)
+        if self.world_size > 1 and not self.fsdp:
             self.forward = nn.parallel.DistributedDataParallel(self.forward)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
@@ -173,7 +175,11 @@ class BVPOTrainer:
             seq_e = pairs_batch([p.tokens for p in batch_e], self.pad_id) if batch_e else None
             tokens += (seq_t.num_tokens if seq_t else 0) + (seq_e.num_tokens if seq_e else 0)
             sync = self.world_size == 1 or micro == accum - 1
-            context = self.forward.no_sync() if not sync else _null()  # type: ignore[operator]
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+                context = _null()
+            else:
+                context = self.forward.no_sync() if not sync else _null()  # type: ignore[operator]
             with context:
                 with autocast(self.config.bf16):
                     logps_t, logps_e = self.forward(seq_t, seq_e)
@@ -189,7 +195,7 @@ class BVPOTrainer:
                 if value is not None:
                     sums[key] += value
                     counts[key] += 1
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -215,11 +221,30 @@ class BVPOTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded model weights (a collective call under FSDP: every rank must call it)."""
+        if not self.fsdp:
+            return dict(self.model.state_dict())
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (collective under FSDP)."""
         return {
             "step": self.step,
-            "model": {k: v for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.full_model_state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "sampler_t": self.sampler_t.state_dict() if self.sampler_t else None,
             "sampler_e": self.sampler_e.state_dict() if self.sampler_e else None,
@@ -228,8 +253,19 @@ class BVPOTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sampler_t and state["sampler_t"]:
             self.sampler_t.load_state_dict(state["sampler_t"])
@@ -243,10 +279,11 @@ class BVPOTrainer:
     def save_state(self, state_dir: Path) -> Path:
         """Write ``state_dir/step-<k>.pt`` atomically (rank 0 only) and drop older states."""
         path = state_dir / f"step-{self.step:06d}.pt"
+        state = self.state_dict()  # collective under FSDP
         if self.rank == 0:
             state_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
+            torch.save(state, tmp)
             tmp.rename(path)
             for old in state_dir.glob("step-*.pt"):
                 if old != path:
@@ -287,6 +324,32 @@ class BVPOTrainer:
         return self.metrics
 
 
+def shard_model(model: nn.Module) -> None:
+    """FSDP2: shard every decoder layer, then the rest (embeddings, norm, head) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for layer in getattr(decoder, "layers", []):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def scalar(value: torch.Tensor) -> float:
+    """A Python float from a tensor or a DTensor (FSDP gradient norms are DTensors)."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if callable(full) else value)
+
+
+def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it (one kernel, no per-step copies of all parameters)."""
+    try:
+        return torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
+        )
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def _null() -> Any:
     import contextlib
 
@@ -320,8 +383,15 @@ def _reduce_across_ranks(
     return reduced, int(packed[-1])
 
 
-def save_hf_checkpoint(model: Any, tokenizer: Any, output_dir: Path) -> None:
-    """Save a standard Hugging Face directory (LoRA merged in) that vLLM can load; atomic."""
+def save_hf_checkpoint(
+    model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Save a standard Hugging Face directory (LoRA merged in) that vLLM can load; atomic.
+
+    ``state_dict``: full weights gathered from a sharded (FSDP) model.
+    """
+    if state_dict is not None:
+        model = _unsharded_copy(model, state_dict)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -333,3 +403,12 @@ def save_hf_checkpoint(model: Any, tokenizer: Any, output_dir: Path) -> None:
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
+
+
+def _unsharded_copy(model: Any, state_dict: dict[str, torch.Tensor]) -> Any:
+    """A plain (unsharded) model of the same architecture holding ``state_dict``."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(state_dict)
+    return plain
