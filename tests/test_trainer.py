@@ -174,3 +174,50 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None
     for name, param in single.model.state_dict().items():
         assert torch.allclose(ddp["params"][name], param, atol=1e-8), name
     assert [m["loss"] for m in ddp["metrics"]] == pytest.approx([m["loss"] for m in single.metrics], abs=1e-8)
+
+
+def test_lora_trains_only_adapters_and_merges_into_a_plain_checkpoint(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import LoraSettings
+    from pipeline.training.run import apply_training_options
+    from pipeline.training.trainer import save_hf_checkpoint
+
+    base = tiny_model(dtype=torch.float32)
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    config = _config(
+        alpha=0.5, max_steps=3, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    model = apply_training_options(base, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer = BVPOTrainer(model, random_pairs(4, 1, "t"), random_pairs(4, 2, "e"), config, pad_id=0)
+    trainer.train()
+    # The base weights are untouched by the optimizer; merging folds the adapters into q/v projections.
+
+    class _NoTokenizer:
+        def save_pretrained(self, path: Path) -> None:
+            pass
+
+    save_hf_checkpoint(model, _NoTokenizer(), tmp_path / "ckpt")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    names = dict(merged.named_parameters())
+    assert not any("lora" in n for n in names)
+    changed = {n for n, p in names.items() if not torch.allclose(p, frozen[n])}
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+
+def test_gradient_checkpointing_gives_the_same_step() -> None:
+    from pipeline.training.run import apply_training_options
+
+    data_t, data_e = random_pairs(4, 1, "t"), random_pairs(4, 2, "e")
+    plain = BVPOTrainer(tiny_model(), data_t, data_e, _config(alpha=0.5, max_steps=2), pad_id=0)
+    ckpt_config = _config(alpha=0.5, max_steps=2, gradient_checkpointing=True)
+    recomputed = BVPOTrainer(
+        apply_training_options(tiny_model(), ckpt_config), data_t, data_e, ckpt_config, 0
+    )
+    plain.train()
+    recomputed.train()
+    assert [m["loss"] for m in recomputed.metrics] == pytest.approx(
+        [m["loss"] for m in plain.metrics], abs=1e-10
+    )

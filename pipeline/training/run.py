@@ -55,6 +55,11 @@ def join_reference(
 
 def prepare_model(model_path: str, config: TrainConfig, trust_remote_code: bool) -> tuple[Any, Any]:
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code)
+    return apply_training_options(model, config), tokenizer
+
+
+def apply_training_options(model: Any, config: TrainConfig) -> Any:
+    """Gradient checkpointing and LoRA adapters (through ``peft``) as configured."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -72,7 +77,7 @@ def prepare_model(model_path: str, config: TrainConfig, trust_remote_code: bool)
                 task_type="CAUSAL_LM",
             ),
         )
-    return model, tokenizer
+    return model
 
 
 def train_bvpo(
