@@ -1,0 +1,100 @@
+"""α̂* on synthetic gradients with known biases and covariances (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.training.alpha_star import (
+    AlphaController,
+    estimate_gradient_stats,
+    marginal_gradient,
+    mixture_mse,
+)
+
+D = 8
+
+
+def _synthetic(
+    n: int, k: int, seed: int, sigma_t: float, sigma_e: float, b_t: torch.Tensor, b_e: torch.Tensor
+):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    g_t = g.unsqueeze(1) + b_t + sigma_t * torch.randn(n, k, D, generator=gen, dtype=torch.float64)
+    g_e = g + b_e + sigma_e * torch.randn(n, D, generator=gen, dtype=torch.float64)
+    return g_t, g_e, g
+
+
+def _analytic(sigma_t: float, sigma_e: float, b_t: torch.Tensor, b_e: torch.Tensor) -> float:
+    """Independent case: (‖b_e‖² + tr Σ_e − ⟨b_t,b_e⟩) / (‖b_t − b_e‖² + tr Σ_t + tr Σ_e)."""
+    num = float(b_e @ b_e) + D * sigma_e**2 - float(b_t @ b_e)
+    den = float((b_t - b_e) @ (b_t - b_e)) + D * sigma_t**2 + D * sigma_e**2
+    return min(1.0, max(0.0, num / den))
+
+
+@pytest.mark.parametrize(
+    "sigma_t,sigma_e,bias_e_scale",
+    [(1.0, 0.2, 0.5), (0.3, 0.3, 0.4), (2.0, 0.1, 0.1), (0.5, 0.5, 0.0)],
+)
+def test_alpha_hat_converges_to_the_analytic_alpha_and_minimizes_mse(
+    sigma_t: float, sigma_e: float, bias_e_scale: float
+) -> None:
+    b_t = torch.full((D,), 0.05, dtype=torch.float64)
+    b_e = torch.linspace(-1, 1, D, dtype=torch.float64) * bias_e_scale
+    g_t, g_e, g = _synthetic(40_000, 1, 0, sigma_t, sigma_e, b_t, b_e)
+    stats = estimate_gradient_stats(g_t, g_e, g, bootstrap=200)
+    expected = _analytic(sigma_t, sigma_e, b_t, b_e)
+    assert stats.alpha_star == pytest.approx(expected, abs=0.02)
+    assert stats.ci_low <= stats.alpha_star <= stats.ci_high
+    best = mixture_mse(stats.alpha_star, g_t, g_e, g)
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+        assert best <= mixture_mse(alpha, g_t, g_e, g) + 1e-12
+
+
+def test_trace_variance_and_the_alpha_squared_reduction() -> None:
+    sigma_t = 0.7
+    g_t, g_e, g = _synthetic(5_000, 6, 1, sigma_t, 0.0, torch.zeros(D), torch.zeros(D))
+    stats = estimate_gradient_stats(g_t, g_e, g, bootstrap=50)
+    assert stats.trace_variance == pytest.approx(D * sigma_t**2, rel=0.03)
+    # Var_r[α g_t + (1−α) g_e] = α² Var_r[g_t]: g_e does not depend on the trace.
+    for alpha in (0.25, 0.5, 0.9):
+        mixed = alpha * g_t + (1 - alpha) * g_e.unsqueeze(1)
+        var_c = float(mixed.var(dim=1, unbiased=True).sum(-1).mean())
+        assert var_c == pytest.approx(alpha**2 * stats.trace_variance, rel=1e-9)
+        assert var_c < stats.trace_variance
+
+
+def test_k1_with_g_hat_as_trace_mean_reduces_to_the_independent_formula() -> None:
+    b_e = torch.linspace(-0.5, 0.5, D, dtype=torch.float64)
+    g_t, g_e, g = _synthetic(60_000, 1, 2, 0.8, 0.3, torch.zeros(D, dtype=torch.float64), b_e)
+    # One fixed true gradient for every example, so g_t and g_e are independent around it.
+    g_t, g_e = g_t - g.unsqueeze(1), g_e - g
+    g_hat = g_t.mean((0, 1)).expand(g_e.shape)  # Ĝ := E g_t, so b_t = 0 relative to Ĝ
+    stats = estimate_gradient_stats(g_t, g_e, g_hat, bootstrap=50)
+    # Plug-in moments relative to Ĝ: b_e' = E g_e − Ĝ, tr Σ_t, tr Σ_e.
+    centred_t = g_t[:, 0] - g_hat
+    centred_e = g_e - g_hat
+    b_e_hat = centred_e.mean(0)
+    tr_t = float(centred_t.var(0).sum())
+    tr_e = float(centred_e.var(0).sum())
+    formula = (float(b_e_hat @ b_e_hat) + tr_e) / (float(b_e_hat @ b_e_hat) + tr_t + tr_e)
+    assert stats.alpha_star == pytest.approx(formula, abs=0.01)
+
+
+def test_marginal_gradient_weights_traces_by_answer_likelihood() -> None:
+    grads = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    equal = marginal_gradient(grads, torch.zeros(3))
+    assert torch.allclose(equal, grads.mean(0))
+    peaked = marginal_gradient(grads, torch.tensor([0.0, -50.0, -50.0]))
+    assert torch.allclose(peaked, grads[0], atol=1e-12)
+
+
+def test_alpha_controller_smooths_and_respects_bounds() -> None:
+    controller = AlphaController(0.5, decay=0.5, low=0.2, high=0.8)
+    assert controller.update(1.0) == pytest.approx(0.75)
+    assert controller.update(1.0) == pytest.approx(0.8)  # clipped at the upper bound
+    for _ in range(20):
+        controller.update(0.0)
+    assert controller.value == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="bounds"):
+        AlphaController(0.5, low=0.9, high=0.1)
