@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.winrate import lc_win_rate, score_judgements, win_rate
+
 
 def bootstrap_ci(values: Sequence[float], samples: int, seed: int) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean."""
@@ -26,7 +28,8 @@ def summarize(
 
     Metrics per model and mode: ``score`` (mean final-answer score per prompt), ``answer_tokens``,
     ``trace_tokens`` and, for models other than the reference, ``win_rate_vs_reference`` (per prompt: 1 if its
-    mean score beats the reference's, 0.5 on a tie, 0 otherwise).
+    mean score beats the reference's, 0.5 on a tie, 0 otherwise) and its length-controlled version
+    ``lc_win_rate_vs_reference`` (:mod:`pipeline.evaluation.winrate`).
     """
     per_prompt: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
@@ -54,22 +57,28 @@ def summarize(
         reference = per_prompt.get((reference_label, mode))
         if label != reference_label and reference is not None:
             mine, theirs = mean_of("score", group), mean_of("score", reference)
+            my_len, their_len = mean_of("answer_tokens", group), mean_of("answer_tokens", reference)
             shared = sorted(set(mine) & set(theirs))
-            wins = [1.0 if mine[p] > theirs[p] else 0.5 if mine[p] == theirs[p] else 0.0 for p in shared]
-            if wins:
-                low, high = bootstrap_ci(wins, bootstrap_samples, seed)
-                out.append(
-                    _result(
-                        label,
-                        models[label],
-                        mode,
-                        "win_rate_vs_reference",
-                        float(np.mean(wins)),
-                        low,
-                        high,
-                        len(wins),
+            judgements = score_judgements(
+                shared,
+                [mine[p] for p in shared],
+                [theirs[p] for p in shared],
+                [my_len[p] for p in shared],
+                [their_len[p] for p in shared],
+            )
+            if judgements:
+                for metric, rate in (
+                    ("win_rate_vs_reference", win_rate(judgements, bootstrap=bootstrap_samples, seed=seed)),
+                    (
+                        "lc_win_rate_vs_reference",
+                        lc_win_rate(judgements, bootstrap=bootstrap_samples, seed=seed),
+                    ),
+                ):
+                    out.append(
+                        _result(
+                            label, models[label], mode, metric, rate.value, rate.ci_low, rate.ci_high, rate.n
+                        )
                     )
-                )
     return out
 
 

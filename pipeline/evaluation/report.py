@@ -1,0 +1,68 @@
+"""Comparison report of ``eval_results``: a Markdown table and a PNG bar chart with 95% intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT_METRICS = (
+    "score",
+    "win_rate_vs_reference",
+    "lc_win_rate_vs_reference",
+    "answer_tokens",
+    "trace_tokens",
+)
+
+
+def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per (model, mode); one column per metric, as ``value [low, high]``."""
+    metrics = [m for m in REPORT_METRICS if any(r["metric"] == m for r in rows)]
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        if r["metric"] in metrics:
+            cells.setdefault((r["model_label"], r["mode"]), {})[r["metric"]] = _cell(r)
+    lines = ["| model | mode | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for (label, mode), values in sorted(cells.items()):
+        lines.append(f"| {label} | {mode} | " + " | ".join(values.get(m, "-") for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any]) -> str:
+    low, high = row.get("ci_low"), row.get("ci_high")
+    if low is None or high is None:
+        return f"{row['value']:.3f}"
+    return f"{row['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, metric: str = "score") -> Path:
+    """Grouped bars of ``metric`` per model, one group per mode, with 95% interval error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = [r for r in rows if r["metric"] == metric]
+    modes = sorted({r["mode"] for r in selected})
+    labels = sorted({r["model_label"] for r in selected})
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, label in enumerate(labels):
+        values, errors = [], [[], []]
+        for mode in modes:
+            row = next((r for r in selected if r["model_label"] == label and r["mode"] == mode), None)
+            value = row["value"] if row else float("nan")
+            values.append(value)
+            errors[0].append(value - row["ci_low"] if row and row["ci_low"] is not None else 0.0)
+            errors[1].append(row["ci_high"] - value if row and row["ci_high"] is not None else 0.0)
+        positions = [m + i * width for m in range(len(modes))]
+        ax.bar(positions, values, width, yerr=errors, capsize=4, label=label)
+    ax.set_xticks([m + width * (len(labels) - 1) / 2 for m in range(len(modes))], modes)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} by model and reasoning mode (95% bootstrap intervals)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
