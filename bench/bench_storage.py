@@ -84,7 +84,7 @@ def synthetic_generations(rows: int, prompts: int = 10_000, seed: int = 0) -> pa
         "reasoning_control": pa.array(["native"] * rows),
     }
     schema = schema_for("generations")
-    return pa.table([columns[f.name] for f in schema], schema=schema)
+    return pa.table([columns.get(f.name, pa.nulls(rows, f.type)) for f in schema], schema=schema)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:

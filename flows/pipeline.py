@@ -1,20 +1,27 @@
 """Prefect flows: ``data_refresh`` → ``train_bvpo`` → ``evaluate``, and ``bvpo_pipeline`` for all of them.
 
-Each flow takes a :class:`~pipeline.config.PipelineConfig`, so the Prefect UI renders a typed form.
+Each flow takes a :class:`~pipeline.config.PipelineConfig` (plus optional plain values), so the Prefect UI
+renders a typed form, and each can run on its own from a deployment: ``train_bvpo`` resolves its datasets
+through a ``data_refresh`` subflow (which reuses every content-addressed dataset) and ``evaluate`` finds
+its checkpoint in the catalog. Every run publishes artifacts: tables of datasets, metrics and results, and
+a Markdown summary.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig
-from storage import DatasetRef
+from storage import CatalogError, DatasetRef, DatasetStore
 from tasks.stages import (
     TrainOutput,
     evaluate_task,
@@ -28,6 +35,9 @@ from tasks.stages import (
     training_plot_task,
     workspace_paths,
 )
+
+CHECKPOINT_ARTIFACT = "bvpo-checkpoint"
+"""Key of the table artifact in which a train_bvpo run records the checkpoint it trained."""
 
 
 class DataRefreshOutput(BaseModel):
@@ -48,7 +58,13 @@ class PipelineOutput(BaseModel):
 
 @flow(name="data_refresh", log_prints=True)
 def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput:  # noqa: B008
-    """prompts → generate (vLLM, reasoning on/off) → score → pair (D_t, D_e) → reference log-probs."""
+    """prompts → generate (vLLM, reasoning on/off) → score → pair (D_t, D_e) → reference log-probs.
+
+    Every dataset is content-addressed: a rerun with the same config reuses what the catalog holds.
+
+    Args:
+        config: The pipeline configuration (workspace, model, prompts, generation, scoring, pairing, ...).
+    """
     prompts = prompts_task(config)
     generations = generate_task(config, prompts)
     scores = score_task(config, prompts, generations)
@@ -62,15 +78,28 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
         pairs_empty=pairs_empty,
         ref_logps=ref_logps,
     )
-    _datasets_artifact(
-        [prompts, generations, scores, pairs_trace, pairs_empty, ref_logps], "data-refresh-datasets"
-    )
+    refs = [prompts, generations, scores, pairs_trace, pairs_empty, ref_logps]
+    new = _registered_here(config, refs)
+    _datasets_artifact(refs, "data-refresh-datasets", new)
+    create_markdown_artifact(key="data-refresh-summary", markdown=_refresh_markdown(out, new))
+    print(f"data_refresh: {len(new)} dataset(s) registered, {len(refs) - len(new)} reused")
     return out
 
 
 @flow(name="train_bvpo", log_prints=True)
-def train_bvpo(config: PipelineConfig, data: DataRefreshOutput) -> TrainOutput:
-    """BVPO training on D_t and D_e with precomputed reference log-probs."""
+def train_bvpo(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    data: DataRefreshOutput | None = None,
+) -> TrainOutput:
+    """BVPO training on D_t and D_e with precomputed reference log-probs.
+
+    Args:
+        config: The pipeline configuration; its `train` section sets α, β, steps and the optimizer.
+        data: The datasets to train on. Leave empty (the usual case from the UI): a data_refresh subflow
+            resolves them, reusing every dataset the catalog already holds for this config.
+    """
+    if data is None:
+        data = data_refresh(config)
     out = train_task(config, data.pairs_trace, data.pairs_empty, data.ref_logps)
     metrics = read_rows(config, out.metrics)
     plot = training_plot_task(config, out.metrics)
@@ -83,32 +112,137 @@ def train_bvpo(config: PipelineConfig, data: DataRefreshOutput) -> TrainOutput:
         table=[{k: _round(v) for k, v in row.items() if k != "checkpoint"} for row in metrics],
         description=f"BVPO training (alpha={config.train.alpha}); checkpoint: {out.checkpoint}",
     )
+    create_table_artifact(
+        key=CHECKPOINT_ARTIFACT,
+        table=[
+            {"train_metrics": out.metrics.qualified, "name": out.metrics.name, "checkpoint": out.checkpoint}
+        ],
+        description="The checkpoint this run trained (the evaluate deployment reads it from here).",
+    )
+    create_markdown_artifact(key="train-summary", markdown=_train_markdown(config, out, metrics))
     return out
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(config: PipelineConfig, prompts: DatasetRef, checkpoint: str, parent: DatasetRef) -> DatasetRef:
-    """Reference vs trained checkpoint on held-out prompts, both reasoning modes."""
-    results = evaluate_task(config, prompts, checkpoint, parent)
+def evaluate(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    checkpoint: str | None = None,
+    train_metrics: str | None = None,
+    train_run_id: str | None = None,
+) -> DatasetRef:
+    """Reference vs trained checkpoint on held-out prompts, both reasoning modes.
+
+    Which checkpoint: `train_metrics` if given, else `checkpoint`, else the one the train_bvpo run
+    `train_run_id` produced, else the latest checkpoint trained in this workspace.
+
+    Args:
+        config: The pipeline configuration (workspace, eval, generation and scoring sections).
+        checkpoint: A checkpoint directory: one under <workspace>/checkpoints/ or any Hugging Face
+            checkpoint.
+        train_metrics: The train_metrics dataset of the checkpoint, e.g. `train_metrics__v3`.
+        train_run_id: A train_bvpo flow run id (set by the eval-after-train trigger).
+    """
+    target = resolve_eval_target(config, checkpoint, train_metrics, train_run_id)
+    prompts = target.prompts if target.prompts is not None else prompts_task(config)
+    parent = target.train_metrics or prompts
+    print(f"evaluating {target.checkpoint} ({parent.name}) on the eval split of {prompts.name}")
+    results = evaluate_task(config, prompts, target.checkpoint, parent)
+    rows = read_rows(config, results)
     create_table_artifact(
         key="eval-results",
-        table=[{k: _round(v) for k, v in row.items()} for row in read_rows(config, results)],
+        table=[{k: _round(v) for k, v in row.items()} for row in rows],
         description="Evaluation on the eval split (95% bootstrap intervals over prompts).",
     )
+    create_markdown_artifact(key="eval-summary", markdown=_eval_markdown(target.checkpoint, parent, rows))
     return results
 
 
 @flow(name="bvpo_pipeline", log_prints=True)
 def bvpo_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineOutput:  # noqa: B008
-    """The whole job: data refresh, BVPO training, then evaluation of the trained checkpoint."""
+    """The whole job: data refresh, BVPO training, then evaluation of the trained checkpoint.
+
+    Args:
+        config: The pipeline configuration.
+    """
     logger = get_run_logger()
     data = data_refresh(config)
     train = train_bvpo(config, data)
-    results = evaluate(config, data.prompts, train.checkpoint, train.metrics)
+    results = evaluate(config, train_metrics=train.metrics.qualified)
     summary = build_summary(config, data, train, results)
     create_markdown_artifact(key="bvpo-run-summary", markdown=summary_markdown(summary))
     logger.info("Run complete. Catalog: %s", summary["paths"]["catalog"])
     return PipelineOutput(data=data, train=train, eval_results=results, summary=summary)
+
+
+class EvalTarget(BaseModel):
+    """What :func:`evaluate` compares with the reference model."""
+
+    checkpoint: str
+    train_metrics: DatasetRef | None = None  # None: a checkpoint not trained in this workspace
+    prompts: DatasetRef | None = None  # the prompts it was trained on (None: those of the config)
+
+
+def resolve_eval_target(
+    config: PipelineConfig,
+    checkpoint: str | None = None,
+    train_metrics: str | None = None,
+    train_run_id: str | None = None,
+) -> EvalTarget:
+    """Find the checkpoint to evaluate, its train_metrics dataset and the prompts it was trained on."""
+    catalog = DatasetStore(config.workspace).catalog
+    if train_metrics:
+        ref = catalog.resolve(train_metrics)
+        if ref.kind != "train_metrics":
+            raise ValueError(f"'{train_metrics}' is a {ref.kind} dataset, not train_metrics")
+    elif checkpoint:
+        ref = catalog.lookup("train_metrics", Path(checkpoint).name)
+        if ref is None:
+            _require_checkpoint(Path(checkpoint))
+            return EvalTarget(checkpoint=str(checkpoint))
+    elif train_run_id:
+        ref = catalog.resolve(_checkpoint_of_run(train_run_id))
+    else:
+        try:
+            ref = catalog.resolve("train_metrics")
+        except CatalogError as exc:
+            raise ValueError(
+                f"nothing to evaluate: no checkpoint was trained in {config.workspace} yet "
+                "(run train_bvpo first, or pass a checkpoint)"
+            ) from exc
+    path = checkpoint_dir(config, ref)
+    _require_checkpoint(path)
+    prompts = next((node for _, node, _ in catalog.lineage(ref) if node.kind == "prompts"), None)
+    return EvalTarget(checkpoint=str(path), train_metrics=ref, prompts=prompts)
+
+
+def checkpoint_dir(config: PipelineConfig, train_metrics: DatasetRef) -> Path:
+    """Where the train stage saved the checkpoint of a train_metrics version."""
+    return DatasetStore(config.workspace).workspace / "checkpoints" / train_metrics.version
+
+
+def _require_checkpoint(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (no config.json there)")
+
+
+def _checkpoint_of_run(train_run_id: str) -> str:
+    """The train_metrics dataset (``kind:version``) a train_bvpo flow run recorded in its artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    run_id = UUID(train_run_id.removeprefix("prefect.flow-run."))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[CHECKPOINT_ARTIFACT]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+            )
+        )
+    for artifact in artifacts:
+        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        if rows:
+            return str(rows[0]["train_metrics"])
+    raise ValueError(f"flow run {run_id} recorded no trained checkpoint (artifact '{CHECKPOINT_ARTIFACT}')")
 
 
 def build_summary(
@@ -164,12 +298,84 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _datasets_artifact(refs: list[DatasetRef], key: str) -> None:
+def _registered_here(config: PipelineConfig, refs: list[DatasetRef]) -> set[str]:
+    """Names of the datasets among ``refs`` that this flow run registered (the others were reused)."""
+    run_id = flow_run.id
+    if not run_id:
+        return set()
+    wanted = {ref.name for ref in refs}
+    rows = DatasetStore(config.workspace).catalog.list_datasets()
+    return {r["name"] for r in rows if r["name"] in wanted and r["flow_run_id"] == str(run_id)}
+
+
+def _datasets_artifact(refs: list[DatasetRef], key: str, new: set[str] | None = None) -> None:
     create_table_artifact(
         key=key,
-        table=[{"dataset": r.name, "kind": r.kind, "version": r.version, "rows": r.row_count} for r in refs],
+        table=[
+            {
+                "dataset": r.name,
+                "kind": r.kind,
+                "version": r.version,
+                "rows": r.row_count,
+                **({} if new is None else {"status": "registered" if r.name in new else "reused"}),
+            }
+            for r in refs
+        ],
         description='Datasets of this run; query them with `bvpo sql "select * from <kind>"`.',
     )
+
+
+def _refresh_markdown(out: DataRefreshOutput, new: set[str]) -> str:
+    refs = [out.prompts, out.generations, out.scores, out.pairs_trace, out.pairs_empty, out.ref_logps]
+    lines = [
+        "# Data refresh",
+        "",
+        f"{len(new)} dataset(s) registered by this run, {len(refs) - len(new)} reused from the catalog.",
+        "",
+        "| dataset | rows | |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r.name} | {r.row_count} | {'new' if r.name in new else 'reused'} |" for r in refs]
+    lines += [
+        "",
+        f"Pairs: D_t (reasoning on) {out.pairs_trace.row_count}, "
+        f"D_e (reasoning off) {out.pairs_empty.row_count}.",
+    ]
+    return "\n".join(lines)
+
+
+def _train_markdown(config: PipelineConfig, out: TrainOutput, metrics: list[dict[str, Any]]) -> str:
+    lines = [
+        "# BVPO training",
+        "",
+        f"alpha = {config.train.alpha}, beta = {config.train.beta}, {len(metrics)} step(s).",
+    ]
+    if metrics:
+        lines.append(f"Loss: {metrics[0]['loss']:.4f} → {metrics[-1]['loss']:.4f}.")
+    lines += [
+        "",
+        f"Metrics: `{out.metrics.name}`. Checkpoint: `{out.checkpoint}`.",
+        "",
+        f'Inspect: `bvpo sql -w {config.workspace} "select * from {out.metrics.name}"`',
+    ]
+    return "\n".join(lines)
+
+
+def _eval_markdown(checkpoint: str, parent: DatasetRef, rows: list[dict[str, Any]]) -> str:
+    scores = {(r["model_label"], r["mode"]): r["value"] for r in rows if r["metric"] == "score"}
+    lines = [
+        "# Evaluation",
+        "",
+        f"Checkpoint `{checkpoint}` (from `{parent.name}`) against the reference model.",
+        "",
+        "| mode | reference score | trained score |",
+        "|---|---|---|",
+    ]
+    for mode in ("trace", "empty"):
+        lines.append(
+            f"| {mode} | {_fmt(scores.get(('reference', mode)))} | {_fmt(scores.get(('trained', mode)))} |"
+        )
+    return "\n".join(lines)
 
 
 def _data_uri(path: Path) -> str:

@@ -47,6 +47,12 @@ _GENERATION_FIELDS = [
     pa.field("parse_ok", pa.bool_(), nullable=False),
     pa.field("parse_error", pa.string()),
     pa.field("reasoning_control", pa.string(), nullable=False),
+    pa.field("open_tag", pa.string()),  # trace tags the rows were rendered and parsed with
+    pa.field("close_tag", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),  # tokens of prompt_text as the engine counts them
+    pa.field("engine", pa.string()),  # "vllm" (in-process) | "openai" (served, over HTTP)
+    pa.field("shard_index", pa.int32()),  # the generation shard the row was sampled in
+    pa.field("seed", pa.int64()),  # engine seed of that shard (None: a served engine, seeded by its owner)
 ]
 
 _SCORE_FIELDS = [
@@ -70,6 +76,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("reference_answer", pa.string()),
             pa.field("constraints", pa.string(), nullable=False),  # JSON list
             pa.field("source", pa.string(), nullable=False),
+            pa.field("source_key", pa.string()),  # where in the source: file:line, file[row], dataset[row]
         ]
     ),
     "generations": pa.schema(_GENERATION_FIELDS),

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from pipeline.config import EMBEDDED_MODEL, ModelConfig, PipelineConfig
 from pipeline.model_assets import EMBEDDED_MODEL_NAME, embedded_checkpoint
 from storage import DatasetRef, DatasetStore, schema_for, version_key
+from tasks.orchestration import GPU_TAG, HOUR, TRANSIENT_RETRIES
 
 
 class TrainOutput(BaseModel):
@@ -87,7 +88,7 @@ def _materialize(
     return ref
 
 
-@task(name="prompts", cache_policy=NO_CACHE)
+@task(name="prompts", cache_policy=NO_CACHE, timeout_seconds=HOUR, **TRANSIENT_RETRIES)
 def prompts_task(config: PipelineConfig) -> DatasetRef:
     from pipeline.prompts.source import load_prompts
 
@@ -102,37 +103,58 @@ def prompts_task(config: PipelineConfig) -> DatasetRef:
 
 
 def _generation_config(config: PipelineConfig) -> dict[str, Any]:
-    return {"model": model_identity(config.model), "generation": config.generation.model_dump(mode="json")}
+    return {"model": model_identity(config.model), "generation": config.generation.fingerprint()}
 
 
-@task(name="generate", cache_policy=NO_CACHE)
+@task(name="generate", cache_policy=NO_CACHE, tags=[GPU_TAG], timeout_seconds=12 * HOUR, **TRANSIENT_RETRIES)
 def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
-    from pipeline.generation.worker import run_generation
+    from pipeline.generation.shards import ShardStore
+    from pipeline.generation.stage import describe_event, run_generate_stage
+    from pipeline.generation.stats import generation_stats
 
     store = _store(config)
+    logger = get_run_logger()
+    settings = _generation_config(config)
+    # Finished shards persist here, keyed by the version they will form: a rerun resumes from them.
+    key = version_key("generations", settings, [prompts])
+    staging = ShardStore(store.workspace / "staging" / "generations" / key)
+    run: dict[str, Any] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        logger.info("generate: %s", describe_event(event))
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
         rows = [r for r in store.read_rows(prompts) if r["split"] == "train"]
         if not rows:
             raise ValueError(f"{prompts.name} has no train-split prompts to generate for")
-        generations = run_generation(
+        result = run_generate_stage(
             resolve_model_path(config.model),
             rows,
             config.generation,
             model_label=model_identity(config.model),
+            staging_dir=staging.root,
             trust_remote_code=config.model.trust_remote_code,
+            on_event=on_event,
         )
-        rejects = [
-            {"stage": "generate", "row_key": g["generation_id"], "reason": g["parse_error"], "payload": "{}"}
-            for g in generations
-            if not g["parse_ok"]
-        ]
-        return _table("generations", generations), rejects
+        if not result.rows:
+            reasons = "; ".join(sorted({r["reason"] for r in result.rejects})[:3])
+            raise ValueError(f"no prompt of {prompts.name} can be generated for: {reasons}")
+        logger.info("generate: %s", result.summary())
+        run.update(tokens_per_s=result.tokens_per_second, wall_s=result.wall_seconds)
+        return _table("generations", result.rows), result.rejects
 
-    return _materialize(store, "generations", _generation_config(config), [prompts], compute)
+    ref = _materialize(store, "generations", settings, [prompts], compute)
+    staging.remove()
+    speed = f"{run['tokens_per_s']:.0f} tokens/s" if run.get("tokens_per_s") else "reused, not regenerated"
+    create_table_artifact(
+        key="generation-stats",
+        table=generation_stats(store.read_rows(ref)),
+        description=f"{ref.name}: lengths, finish reasons and parse failures per mode ({speed}).",
+    )
+    return ref
 
 
-@task(name="score", cache_policy=NO_CACHE)
+@task(name="score", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # no timeout: math-verify uses SIGALRM
 def score_task(config: PipelineConfig, prompts: DatasetRef, generations: DatasetRef) -> DatasetRef:
     from pipeline.scoring.stage import score_generations
 
@@ -148,7 +170,7 @@ def score_task(config: PipelineConfig, prompts: DatasetRef, generations: Dataset
     )
 
 
-@task(name="pair", cache_policy=NO_CACHE)
+@task(name="pair", cache_policy=NO_CACHE, timeout_seconds=HOUR, **TRANSIENT_RETRIES)
 def pair_task(
     config: PipelineConfig, generations: DatasetRef, scores: DatasetRef
 ) -> tuple[DatasetRef, DatasetRef]:
@@ -181,7 +203,13 @@ def pair_task(
     return trace, empty
 
 
-@task(name="reference-logps", cache_policy=NO_CACHE)
+@task(
+    name="reference-logps",
+    cache_policy=NO_CACHE,
+    tags=[GPU_TAG],
+    timeout_seconds=12 * HOUR,
+    **TRANSIENT_RETRIES,
+)
 def reference_logps_task(
     config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef
 ) -> DatasetRef:
@@ -208,7 +236,9 @@ def reference_logps_task(
     return _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
 
 
-@task(name="train-bvpo", cache_policy=NO_CACHE)
+@task(
+    name="train-bvpo", cache_policy=NO_CACHE, tags=[GPU_TAG], timeout_seconds=72 * HOUR, **TRANSIENT_RETRIES
+)
 def train_task(
     config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef, ref_logps: DatasetRef
 ) -> TrainOutput:
@@ -255,7 +285,7 @@ def train_task(
     return TrainOutput(metrics=metrics, checkpoint=str(checkpoint), weight_delta_l2=delta.get("value"))
 
 
-@task(name="plot-training", cache_policy=NO_CACHE)
+@task(name="plot-training", cache_policy=NO_CACHE, timeout_seconds=600)
 def training_plot_task(config: PipelineConfig, metrics: DatasetRef) -> Path:
     """PNG of the training curves under ``<workspace>/reports/``."""
     from pipeline.training.plots import plot_training_curves
@@ -269,7 +299,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, tags=[GPU_TAG], **TRANSIENT_RETRIES)  # no timeout: see score
 def evaluate_task(
     config: PipelineConfig, prompts: DatasetRef, checkpoint: str, parent: DatasetRef
 ) -> DatasetRef:

@@ -1,4 +1,7 @@
-"""The in-process vLLM engine behind a small interface."""
+"""The in-process vLLM engine behind a small interface (``tokenizer``, ``complete``, ``reseed``).
+
+The HTTP engine for a served vLLM (:mod:`pipeline.generation.openai_engine`) has the same interface.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import GenerationConfig
+from pipeline.generation.vllm_ext import WORKER_EXTENSION
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,31 @@ def on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def cpu_thread_env(bind: str, ranks: int, cores: set[int] | None = None) -> dict[str, str]:
+    """vLLM CPU thread-binding variables for ``GenerationConfig.cpu_omp_bind``.
+
+    'all' splits the cores this process may use between the ranks and reserves none for vLLM's scheduler
+    (which mostly waits while the model runs); 'auto' keeps vLLM's own choice.
+    """
+    if bind == "auto":
+        return {}
+    if bind != "all":
+        return {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    available = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(available) < ranks:
+        return {}
+    per_rank = len(available) // ranks
+    lists = [available[r * per_rank : (r + 1) * per_rank] for r in range(ranks)]
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(str(c) for c in cpus) for cpus in lists),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+
+
 class VLLMEngine:
     """``vllm.LLM`` with this project's defaults; use :func:`open_vllm_engine` to get one."""
+
+    name = "vllm"
 
     def __init__(self, llm: Any) -> None:
         self._llm = llm
@@ -45,6 +72,11 @@ class VLLMEngine:
     @property
     def tokenizer(self) -> Any:
         return self._llm.get_tokenizer()
+
+    def reseed(self, seed: int) -> int | None:
+        """Reseed the sampler of every worker (per shard); the seed applied."""
+        self._llm.collective_rpc("bvpo_reseed", args=(seed,))
+        return seed
 
     def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
         """One list of ``spec.n`` completions per prompt, in order."""
@@ -83,6 +115,8 @@ def open_vllm_engine(
     gpu = on_gpu()
     if not gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gb))
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the user's own binding wins
+            os.environ.update(cpu_thread_env(config.cpu_omp_bind, config.tensor_parallel_size))
     from vllm import LLM
 
     kwargs: dict[str, Any] = {
@@ -93,6 +127,7 @@ def open_vllm_engine(
         "tensor_parallel_size": config.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
         "dtype": config.dtype,
+        "worker_extension_cls": WORKER_EXTENSION,
     }
     if gpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization

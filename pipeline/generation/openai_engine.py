@@ -1,0 +1,212 @@
+"""The HTTP engine: a served vLLM (or another OpenAI-compatible server) through ``/completions``.
+
+It sends the rendered prompt text, exactly what the in-process engine gets, so the two-pass trace-budget
+logic of :mod:`pipeline.generation.sampler` runs unchanged. Requests run ``concurrency`` at a time (the
+server batches them); timeouts, connection errors, 429 and 5xx answers are retried with exponential
+backoff (``Retry-After`` is honoured); other 4xx answers fail at once. vLLM's ``return_token_ids`` and
+``stop_reason`` extensions give exact token counts and the stop string; without them the tokenizer counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from tqdm.auto import tqdm
+
+from pipeline.config import GenerationConfig
+from pipeline.generation.engine import Completion, SamplingSpec
+
+MAX_BACKOFF_S = 30.0
+
+
+class EndpointError(RuntimeError):
+    """The completions endpoint could not be reached or answered with an error."""
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    """The key held by environment variable ``name``; a named but unset variable is an error."""
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        raise EndpointError(f"environment variable {name} (generation.api_key_env) is not set")
+    return value
+
+
+class OpenAICompletionsEngine:
+    """``complete`` over HTTP, with the tokenizer of the served model for rendering and counting."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        tokenizer: Any,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 32,
+        timeout_s: float = 600.0,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+        progress: bool = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._tokenizer = tokenizer
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.progress = progress
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            transport=transport,
+        )
+        self._model = model
+        self.retries = 0  # retried attempts so far (for logs and tests)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: GenerationConfig, tokenizer: Any) -> OpenAICompletionsEngine:
+        return cls(
+            config.base_url,
+            tokenizer,
+            model=config.served_model,
+            api_key=api_key_from_env(config.api_key_env),
+            concurrency=config.concurrency,
+            timeout_s=config.request_timeout_s,
+            max_retries=config.max_retries,
+        )
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def model(self) -> str:
+        """The served model name (asked from ``/models`` once when not configured)."""
+        if self._model is None:
+            body = self._request("GET", "/models", None)
+            try:
+                self._model = str(body["data"][0]["id"])
+            except (KeyError, IndexError, TypeError) as exc:
+                raise EndpointError(f"{self.base_url}/models lists no model: {str(body)[:300]}") from exc
+        return self._model
+
+    def reseed(self, seed: int) -> int | None:
+        """A served engine is seeded by whoever started it: nothing to do, no seed to record."""
+        return None
+
+    def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
+        """One list of ``spec.n`` completions per prompt, in order (requests run concurrently)."""
+        if len(prompts) != len(specs):
+            raise ValueError(f"{len(prompts)} prompts but {len(specs)} sampling specs")
+        model = self.model
+        results: list[list[Completion]] = [[] for _ in prompts]
+        tokens = 0
+        started = time.perf_counter()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            with tqdm(total=len(prompts), desc="completions", unit="req", disable=not self.progress) as bar:
+                futures = [
+                    pool.submit(self._complete_one, model, p, s) for p, s in zip(prompts, specs, strict=True)
+                ]
+                for index, future in enumerate(futures):
+                    results[index] = future.result()
+                    tokens += sum(c.token_count for c in results[index])
+                    bar.set_postfix_str(f"{tokens / max(time.perf_counter() - started, 1e-9):.1f} tokens/s")
+                    bar.update(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure, queued requests are not sent
+        return results
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> OpenAICompletionsEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _complete_one(self, model: str, prompt: str, spec: SamplingSpec) -> list[Completion]:
+        payload: dict[str, Any] = {
+            "model": model,
+            "prompt": prompt,
+            "n": spec.n,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p if spec.temperature > 0 else 1.0,
+            "max_tokens": spec.max_tokens,
+            "return_token_ids": True,
+        }
+        if spec.stop:
+            payload["stop"] = list(spec.stop)
+        body = self._request("POST", "/completions", payload)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or len(choices) != spec.n:
+            raise EndpointError(
+                f"{self.base_url}/completions returned {len(choices) if isinstance(choices, list) else 'no'} "
+                f"choice(s) for n={spec.n}: {str(body)[:300]}"
+            )
+        return [self._completion(c) for c in sorted(choices, key=lambda c: int(c.get("index", 0)))]
+
+    def _completion(self, choice: dict[str, Any]) -> Completion:
+        text = choice.get("text")
+        if not isinstance(text, str):
+            raise EndpointError(f"a completion choice has no text: {str(choice)[:300]}")
+        token_ids = choice.get("token_ids")
+        if isinstance(token_ids, list):
+            count = len(token_ids)
+        else:
+            count = len(self._tokenizer.encode(text, add_special_tokens=False))
+        stop_reason = choice.get("stop_reason")
+        return Completion(
+            text=text,
+            token_count=count,
+            finish_reason=str(choice.get("finish_reason") or "stop"),
+            stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+        )
+
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
+        """One call, retried on transient failures; the decoded JSON body."""
+        url = self.base_url + path
+        problem = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, url, json=payload)
+            except httpx.TransportError as exc:  # timeouts and connection errors
+                problem = f"{type(exc).__name__}: {exc}"
+                self._wait(attempt, None)
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                self._wait(attempt, response.headers.get("retry-after"))
+                continue
+            if response.status_code >= 400:
+                raise EndpointError(f"{url} answered HTTP {response.status_code}: {response.text[:300]}")
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise EndpointError(f"{url} answered with non-JSON: {response.text[:300]}") from exc
+        raise EndpointError(f"{url} failed after {self.max_retries + 1} attempt(s): {problem}")
+
+    def _wait(self, attempt: int, retry_after: str | None) -> None:
+        """Back off before the next attempt (none after the last one)."""
+        if attempt >= self.max_retries:
+            return
+        with self._lock:
+            self.retries += 1
+        delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
+        if retry_after is not None:
+            with contextlib.suppress(ValueError):
+                delay = min(max(float(retry_after), 0.0), MAX_BACKOFF_S)
+        time.sleep(delay)

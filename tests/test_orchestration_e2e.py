@@ -1,0 +1,386 @@
+"""End to end on a real Prefect server: `bvpo server`, `bvpo serve`, runs created the way the UI creates them.
+
+One served stack and one workspace (configs/tiny.yaml) for the whole module:
+
+1. a data-refresh run is killed (the serving process group, SIGKILL) while it computes reference log-probs;
+   the serving process is restarted and the same run is created again: it completes, and the catalog
+   holds exactly the datasets of an uninterrupted run (one version per stage, no orphan files);
+2. data-refresh runs again with the same parameters and reuses every dataset;
+3. a train-bvpo run (the UI's quick run: the deployment's default parameters) trains, and its completion
+   triggers an evaluate run of the new checkpoint through the deployment trigger;
+4. the killed run is marked Crashed by the heartbeat automation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+
+from pipeline.config import PipelineConfig, load_config
+from storage import DatasetStore
+from tasks.orchestration import GPU_TAG
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+BVPO = str(Path(sys.executable).with_name("bvpo"))
+AUTH = "bvpo:e2e-secret"
+RUN_TIMEOUT_S = 1500  # generous: these machines' cores are shared
+DATA_KINDS = ("prompts", "generations", "scores", "pairs_trace", "pairs_empty", "ref_logps")
+OVERRIDES = ["eval.bootstrap_samples=50"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Signal the process group of a process this module started (each runs in its own session)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+class Stack:
+    """A Prefect server (`bvpo server`, basic auth on) and a `bvpo serve` process, both on localhost."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workspace = tmp / "workspace"
+        self.serve_log = tmp / "serve.log"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(tmp / "prefect-home"),
+            "PREFECT_SERVER_API_AUTH_STRING": AUTH,
+            "PREFECT_API_AUTH_STRING": AUTH,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        }
+        self.env.pop("PREFECT_API_URL", None)
+        self.server: subprocess.Popen[bytes] | None = None
+        self.serving: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> PipelineConfig:
+        return load_config(ROOT / "configs" / "tiny.yaml", [f"workspace={self.workspace}", *OVERRIDES])
+
+    def start_server(self) -> None:
+        with (self.tmp / "server.log").open("ab") as log:
+            self.server = subprocess.Popen(
+                [BVPO, "server", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.server.poll() is None, (self.tmp / "server.log").read_text()
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the Prefect server did not become healthy")
+
+    def start_serve(self, *options: str) -> None:
+        sets = [item for s in [f"workspace={self.workspace}", *OVERRIDES] for item in ("-s", s)]
+        with self.serve_log.open("ab") as log:
+            self.serving = subprocess.Popen(
+                [BVPO, "serve", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets, *options],
+                cwd=ROOT,
+                env={**self.env, "PREFECT_API_URL": f"{self.url}/api"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill_serve(self) -> None:
+        """What a crash does: the serving process and every flow-run process under it die at once."""
+        _stop(self.serving, signal.SIGKILL)
+
+    def stop(self) -> None:
+        _stop(self.serving)
+        _stop(self.server)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    stack = Stack(tmp_path_factory.mktemp("orchestration"))
+    try:
+        stack.start_server()
+        with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}):
+            stack.start_serve()
+            with _client() as client:
+                _wait_for_deployments(client, stack)
+            yield stack
+    finally:
+        stack.stop()
+
+
+def _client() -> Any:
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _wait_for_deployments(client: Any, stack: Stack, timeout_s: float = 180) -> None:
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert stack.serving is not None and stack.serving.poll() is None, stack.serve_log.read_text()
+        try:
+            client.read_deployment_by_name("bvpo_pipeline/bvpo-pipeline")
+            return
+        except ObjectNotFound:
+            time.sleep(1)
+    raise TimeoutError("bvpo serve did not register its deployments")
+
+
+def _create_run(client: Any, deployment: str, parameters: dict[str, Any] | None = None) -> Any:
+    """Create a flow run of a deployment the way the UI's Run button does."""
+    found = client.read_deployment_by_name(deployment)
+    return client.create_flow_run_from_deployment(found.id, parameters=parameters or {})
+
+
+def _wait_final(client: Any, run_id: UUID, stack: Stack, timeout_s: float = RUN_TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            assert run.state.is_completed(), f"{run.name}: {run.state}\n{stack.serve_log.read_text()[-6000:]}"
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout_s} s")
+
+
+def _wait_for_task(client: Any, run_id: UUID, prefix: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    """Wait until a task run of ``run_id`` whose name starts with ``prefix`` is Running."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        if any(t.name.startswith(prefix) and t.state and t.state.is_running() for t in tasks):
+            return
+        run = client.read_flow_run(run_id)
+        assert not run.state.is_final(), f"the run ended ({run.state}) before '{prefix}' was caught running"
+        time.sleep(0.25)
+    raise TimeoutError(f"task '{prefix}' of {run_id} never ran")
+
+
+def _artifact(client: Any, run_id: UUID, key: str) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    (found,) = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+        )
+    )
+    return found.data
+
+
+def _datasets(stack: Stack) -> list[dict[str, Any]]:
+    return DatasetStore(stack.workspace).catalog.list_datasets()
+
+
+@pytest.fixture(scope="module")
+def refresh(stack: Stack) -> dict[str, Any]:
+    """Kill a data-refresh run mid-flow, restart serving, rerun it, then run it once more."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    timings: dict[str, float] = {}
+    with (
+        temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}),
+        _client() as client,
+    ):
+        start = time.monotonic()
+        killed = _create_run(client, "data_refresh/data-refresh")
+        _wait_for_task(client, killed.id, "reference-logps")
+        stack.kill_serve()
+        killed_at = time.monotonic()
+        timings["until kill"] = killed_at - start
+        at_kill = _datasets(stack)
+        # The dead run held the GPU slot; its lease would lapse in about a minute. Restarting with
+        # --reset-gpu-slots frees it at once.
+        stack.start_serve("--reset-gpu-slots")
+        _wait_for_deployments(client, stack)
+
+        start = time.monotonic()
+        rerun = _wait_final(client, _create_run(client, "data_refresh/data-refresh").id, stack)
+        timings["rerun after restart"] = time.monotonic() - start
+        after_rerun = _datasets(stack)
+
+        start = time.monotonic()
+        again = _wait_final(client, _create_run(client, "data_refresh/data-refresh").id, stack)
+        timings["second identical run"] = time.monotonic() - start
+        return {
+            "killed": killed,
+            "killed_at": killed_at,
+            "at_kill": at_kill,
+            "rerun": rerun,
+            "after_rerun": after_rerun,
+            "again": again,
+            "after_again": _datasets(stack),
+            "again_summary": _artifact(client, again.id, "data-refresh-summary"),
+            "gpu_limit": client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit,
+            "timings": timings,
+        }
+
+
+def test_server_ui_auth_and_served_forms(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/", timeout=10).status_code == 200  # the UI
+    assert httpx.post(f"{stack.url}/api/deployments/filter", json={}, timeout=10).status_code == 401
+    assert f"Prefect UI: {stack.url}" in stack.serve_log.read_text()
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}),
+        _client() as client,
+    ):
+        refresh = client.read_deployment_by_name("data_refresh/data-refresh")
+        assert refresh.schedules and refresh.schedules[0].schedule.cron == "0 3 * * *"
+        evaluate = client.read_deployment_by_name("evaluate/evaluate")
+        assert {"config", "checkpoint", "train_metrics", "train_run_id"} <= set(
+            evaluate.parameter_openapi_schema["properties"]
+        )
+        names = {a.name for a in client.read_automations()}
+        assert "evaluate after train_bvpo" in names
+
+
+def test_killed_run_reruns_without_duplicating_data(stack: Stack, refresh: dict[str, Any]) -> None:
+    print("timings (s):", {k: round(v, 1) for k, v in refresh["timings"].items()})
+    at_kill = {d["kind"] for d in refresh["at_kill"]}
+    assert {"prompts", "generations"} <= at_kill and "ref_logps" not in at_kill  # killed mid-flow
+    datasets = refresh["after_rerun"]
+    kinds = Counter(d["kind"] for d in datasets)
+    # An uninterrupted run registers each stage's output once (plus one rejects dataset per stage at most).
+    assert {k: kinds[k] for k in DATA_KINDS} == dict.fromkeys(DATA_KINDS, 1), kinds
+    assert set(kinds) <= {*DATA_KINDS, "rejects"}
+    store = DatasetStore(stack.workspace)
+    rejects_for = [
+        store.catalog.parents_of(store.catalog.resolve(d["name"]))[1]["for"]
+        for d in datasets
+        if d["kind"] == "rejects"
+    ]
+    assert len(rejects_for) == len(set(rejects_for))
+    # What the killed run registered was kept; the rerun registered only what was missing.
+    kept = {d["name"] for d in refresh["at_kill"]}
+    by_rerun = {d["name"] for d in datasets if d["flow_run_id"] == str(refresh["rerun"].id)}
+    assert by_rerun == {d["name"] for d in datasets} - kept and "ref_logps__v1" in by_rerun
+    # Every registered dataset reads back whole, and no published folder is outside the catalog.
+    refs = {d["kind"]: store.catalog.resolve(d["name"]) for d in datasets if d["kind"] in DATA_KINDS}
+    for ref in refs.values():
+        assert store.read(ref).num_rows == ref.row_count
+    config = stack.config
+    prompts = store.read_rows(refs["prompts"])
+    train = [p for p in prompts if p["split"] == "train"]
+    assert len(prompts) == config.prompts.num_prompts
+    assert refs["generations"].row_count == len(train) * 2 * config.generation.samples_per_prompt
+    assert refs["ref_logps"].row_count == refs["pairs_trace"].row_count + refs["pairs_empty"].row_count
+    lake = stack.workspace / "lake"
+    published = {
+        (p.parent.name, p.name) for p in lake.glob("*/*") if p.is_dir() and not p.name.startswith(".")
+    }
+    assert published == {(d["kind"], store.catalog.resolve(d["name"]).version) for d in datasets}
+
+
+def test_second_identical_refresh_reuses_every_dataset(refresh: dict[str, Any]) -> None:
+    assert refresh["after_again"] == refresh["after_rerun"]
+    assert not any(d["flow_run_id"] == str(refresh["again"].id) for d in refresh["after_again"])
+    assert "0 dataset(s) registered by this run, 6 reused" in refresh["again_summary"]
+    assert refresh["gpu_limit"] == 1  # created by `bvpo serve`
+
+
+@pytest.fixture(scope="module")
+def trained(stack: Stack, refresh: dict[str, Any]) -> dict[str, Any]:
+    """A train-bvpo run with the deployment's default parameters, and the evaluate run it triggers."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}),
+        _client() as client,
+    ):
+        start = time.monotonic()
+        train = _wait_final(client, _create_run(client, "train_bvpo/train-bvpo").id, stack)
+        train_s = time.monotonic() - start
+        checkpoint = json.loads(_artifact(client, train.id, "bvpo-checkpoint"))[0]
+        evaluate = client.read_deployment_by_name("evaluate/evaluate")
+        deadline = time.monotonic() + 120
+        triggered = []
+        while not triggered and time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[evaluate.id]))
+            )
+            triggered = [r for r in runs if r.parameters.get("train_run_id") == str(train.id)]
+            time.sleep(1)
+        assert triggered, "no evaluate run was created when the train_bvpo run completed"
+        (evaluation,) = triggered
+        evaluation = _wait_final(client, evaluation.id, stack)
+        eval_s = time.monotonic() - start - train_s
+        killed = client.read_flow_run(refresh["killed"].id)
+        deadline = refresh["killed_at"] + 180  # 3 missed 30 s heartbeats, and the server's evaluation loop
+        while not killed.state.is_crashed() and time.monotonic() < deadline:
+            time.sleep(2)
+            killed = client.read_flow_run(refresh["killed"].id)
+        return {
+            "train": train,
+            "checkpoint": checkpoint,
+            "evaluation": evaluation,
+            "killed": killed,
+            "datasets": _datasets(stack),
+            "timings": {"train run": train_s, "triggered evaluate run": eval_s},
+        }
+
+
+def test_training_completion_triggers_evaluation_of_the_new_checkpoint(
+    stack: Stack, refresh: dict[str, Any], trained: dict[str, Any]
+) -> None:
+    print("timings (s):", {k: round(v, 1) for k, v in trained["timings"].items()})
+    train, evaluation = trained["train"], trained["evaluation"]
+    # The evaluate run came from the automation, with the train run's own config.
+    assert evaluation.created_by is not None and evaluation.created_by.type == "AUTOMATION"
+    assert evaluation.parameters["config"] == train.parameters["config"]
+    # The train run reused every dataset of the refresh (through its data_refresh subflow) and trained.
+    kinds = Counter(d["kind"] for d in trained["datasets"])
+    assert {k: kinds[k] for k in DATA_KINDS} == dict.fromkeys(DATA_KINDS, 1)
+    store = DatasetStore(stack.workspace)
+    metrics = store.catalog.resolve(trained["checkpoint"]["train_metrics"])
+    assert metrics.row_count == stack.config.train.max_steps
+    assert (Path(trained["checkpoint"]["checkpoint"]) / "config.json").is_file()
+    # The evaluation's results descend from exactly that checkpoint's training metrics.
+    results = store.catalog.resolve("eval_results")
+    lineage = {node.qualified for _, node, _ in store.catalog.lineage(results)}
+    assert metrics.qualified in lineage
+    assert {r["model_label"] for r in store.read_rows(results)} == {"reference", "trained"}
+
+
+def test_killed_run_is_marked_crashed_by_the_heartbeat_automation(trained: dict[str, Any]) -> None:
+    assert trained["killed"].state.is_crashed(), trained["killed"].state
