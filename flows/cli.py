@@ -111,12 +111,22 @@ def server(
     Example:
       bvpo server                   # UI at http://127.0.0.1:4200
     """
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.update(_server_env(host, port))
     console.print(f"Prefect UI: http://{host}:{port}   API: http://{host}:{port}/api")
     console.print(f"Point clients at it: export PREFECT_API_URL=http://{host}:{port}/api")
     sys.stdout.flush()
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     os.execv(sys.executable, command)
+
+
+def _server_env(host: str, port: int) -> dict[str, str]:
+    """Environment of `prefect server start`: the UI must call the API on this port, not the default 4200."""
+    browser_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", f"http://{browser_host}:{port}/api"),
+    }
 
 
 @app.command()
@@ -253,7 +263,7 @@ def _start_local_server(host: str, port: int, timeout_s: float = 120.0) -> subpr
     import httpx
 
     url = f"http://{host}:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, **_server_env(host, port)}
     err.print(f"PREFECT_API_URL is not set: starting a local Prefect server at {url}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env=env

@@ -311,3 +311,13 @@ def test_compose_config_validates_when_a_compose_client_is_installed() -> None:
     for extra in ([], ["-f", "docker-compose.yml", "-f", "docker/compose.gpu.yml", "--profile", "gpu"]):
         result = subprocess.run([*command, *extra, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
+
+
+def test_local_server_ui_calls_the_api_on_its_own_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.cli import _server_env
+
+    monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
+    assert _server_env("127.0.0.1", 4300)["PREFECT_UI_API_URL"] == "http://127.0.0.1:4300/api"
+    assert _server_env("0.0.0.0", 4300)["PREFECT_UI_API_URL"] == "http://127.0.0.1:4300/api"
+    monkeypatch.setenv("PREFECT_UI_API_URL", "https://prefect.example.org/api")
+    assert _server_env("0.0.0.0", 4300)["PREFECT_UI_API_URL"] == "https://prefect.example.org/api"

@@ -40,7 +40,7 @@ BVPO = str(Path(sys.executable).with_name("bvpo"))
 AUTH = "bvpo:e2e-secret"
 RUN_TIMEOUT_S = 1500  # generous: these machines' cores are shared
 DATA_KINDS = ("prompts", "generations", "scores", "pairs_trace", "pairs_empty", "ref_logps")
-OVERRIDES = ["eval.bootstrap_samples=50"]
+OVERRIDES = ["eval.bootstrap_samples=50", "train.max_steps=1"]
 
 
 def _free_port() -> int:
@@ -256,6 +256,8 @@ def refresh(stack: Stack) -> dict[str, Any]:
 
 def test_server_ui_auth_and_served_forms(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/", timeout=10).status_code == 200  # the UI
+    # ... which calls the API on this port (prefect's default would be 4200)
+    assert httpx.get(f"{stack.url}/ui-settings", timeout=10).json()["api_url"] == f"{stack.url}/api"
     assert httpx.post(f"{stack.url}/api/deployments/filter", json={}, timeout=10).status_code == 401
     assert f"Prefect UI: {stack.url}" in stack.serve_log.read_text()
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
