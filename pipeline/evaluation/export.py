@@ -18,16 +18,20 @@ from pathlib import Path
 from typing import Any
 
 
+def _first_samples(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first sample of each prompt, in prompt-id order."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: (r["prompt_id"], r["sample_index"])):
+        first.setdefault(row["prompt_id"], row)
+    return list(first.values())
+
+
 def alpaca_eval_records(
     rows: Sequence[dict[str, Any]], prompts: dict[str, str], generator: str, dataset: str = "bvpo"
 ) -> list[dict[str, str]]:
     """One record per prompt (the first sample), in prompt order."""
-    seen: set[str] = set()
     records = []
-    for row in sorted(rows, key=lambda r: (r["prompt_id"], r["sample_index"])):
-        if row["prompt_id"] in seen:
-            continue
-        seen.add(row["prompt_id"])
+    for row in _first_samples(rows):
         records.append(
             {
                 "instruction": prompts[row["prompt_id"]],
@@ -44,12 +48,8 @@ def arena_hard_records(
 ) -> list[dict[str, Any]]:
     """One answer record per prompt (the first sample)."""
     stamp = time.time() if tstamp is None else tstamp
-    seen: set[str] = set()
     records = []
-    for row in sorted(rows, key=lambda r: (r["prompt_id"], r["sample_index"])):
-        if row["prompt_id"] in seen:
-            continue
-        seen.add(row["prompt_id"])
+    for row in _first_samples(rows):
         answer_id = hashlib.sha256(f"{model_id}:{row['prompt_id']}".encode()).hexdigest()[:22]
         records.append(
             {
