@@ -289,3 +289,46 @@ def test_cpu_thread_binding_uses_every_core_by_default() -> None:
     assert cpu_thread_env("0-3", 1)["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
     with pytest.raises(ValidationError):
         GenerationConfig(cpu_omp_bind="every core")
+
+
+class _FakeLLM:
+    """Records how :class:`VLLMEngine` drives ``vllm.LLM`` (no vLLM needed)."""
+
+    def __init__(self, pause_fails: bool = False) -> None:
+        self.calls: list[str] = []
+        self.pause_fails = pause_fails
+        self.llm_engine = type("E", (), {"engine_core": type("C", (), {"call_utility": self._utility})()})()
+
+    def _utility(self, method: str, *args: object) -> None:
+        self.calls.append(method)
+        if self.pause_fails and method == "pause_scheduler":
+            raise RuntimeError("no such utility")
+
+    def _outputs(self, prompts: list[str]) -> list[object]:
+        done = type("O", (), {"text": "x", "token_ids": [1, 2], "finish_reason": "stop", "stop_reason": None})
+        return [type("R", (), {"outputs": [done()]})() for _ in prompts]
+
+    def enqueue(self, prompts: list[str], params: object, use_tqdm: bool) -> None:
+        self.calls.append("enqueue")
+        self.pending = prompts
+
+    def wait_for_completion(self, use_tqdm: bool) -> list[object]:
+        self.calls.append("wait")
+        return self._outputs(self.pending)
+
+    def generate(self, prompts: list[str], params: object, use_tqdm: bool) -> list[object]:
+        self.calls.append("generate")
+        return self._outputs(prompts)
+
+
+def test_vllm_engine_queues_every_request_before_the_first_step() -> None:
+    pytest.importorskip("vllm")
+    from pipeline.generation.engine import VLLMEngine
+
+    llm = _FakeLLM()
+    out = VLLMEngine(llm).complete(["a", "b"], [SamplingSpec(1, 0.5, 0.9, 4)] * 2)
+    assert llm.calls == ["pause_scheduler", "enqueue", "resume_scheduler", "wait"]
+    assert [[c.token_count for c in o] for o in out] == [[2], [2]]
+    old = _FakeLLM(pause_fails=True)
+    VLLMEngine(old).complete(["a"], [SamplingSpec(1, 0.5, 0.9, 4)])
+    assert old.calls == ["pause_scheduler", "generate"]

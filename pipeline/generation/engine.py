@@ -92,7 +92,7 @@ class VLLMEngine:
             )
             for s in specs
         ]
-        outputs = self._llm.generate(prompts, params, use_tqdm=True)
+        outputs = self._generate(prompts, params)
         return [
             [
                 Completion(
@@ -105,6 +105,28 @@ class VLLMEngine:
             ]
             for out in outputs
         ]
+
+    def _generate(self, prompts: list[str], params: list[Any]) -> list[Any]:
+        """``generate`` with every request queued before the first step.
+
+        With vLLM's engine in its own process, the engine may start stepping while requests are still being
+        added, so batches (and so the sampler's random draws) depend on timing: the same seed could give
+        other samples. Pausing the scheduler while adding makes the first batch hold every request, so a
+        seed gives the same samples. Engines without this API fall back to plain ``generate``.
+        """
+        core = getattr(self._llm.llm_engine, "engine_core", None)
+        call = getattr(core, "call_utility", None)
+        if not (callable(call) and hasattr(self._llm, "enqueue")):
+            return list(self._llm.generate(prompts, params, use_tqdm=True))
+        try:
+            call("pause_scheduler", "keep", False)
+        except Exception:  # an engine version without pause: plain generate
+            return list(self._llm.generate(prompts, params, use_tqdm=True))
+        try:
+            self._llm.enqueue(prompts, params, use_tqdm=False)
+        finally:
+            call("resume_scheduler")
+        return list(self._llm.wait_for_completion(use_tqdm=True))
 
 
 @contextmanager
