@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -146,9 +148,18 @@ def test_missing_mode_data_is_a_clear_error() -> None:
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, out: str, strategy: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks live on this machine
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),  # a stuck collective raises instead of hanging the suite
+    )
     try:
         config = _config(alpha=0.4, max_steps=3, distributed=strategy)
         trainer = BVPOTrainer(tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), config, 0)
@@ -165,7 +176,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out), strategy), nprocs=2, join=True)
+    ranks = mp.start_processes(
+        _distributed_worker,
+        args=(2, str(tmp_path / "init"), str(out), strategy),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 240
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{strategy}: the two gloo ranks did not finish within 240 s")
     single = BVPOTrainer(
         tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), _config(alpha=0.4, max_steps=3), 0
     )
