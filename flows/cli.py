@@ -82,8 +82,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     loss = summary["loss"]
     console.print(f"BVPO loss: {loss['first']:.4f} → {loss['last']:.4f} over {loss['steps']} steps")
     for mode, values in summary["eval"].items():
-        ref, trained = values.get("reference"), values.get("trained")
-        console.print(f"Eval score ({mode}): reference {ref:.3f} → trained {trained:.3f}")
+        scores = ", ".join(f"{label} {value:.3f}" for label, value in values.items())
+        console.print(f"Eval score ({mode}): {scores}")
     console.print(f"Checkpoint: {summary['checkpoint']}")
     console.print(f"Catalog:    {summary['paths']['catalog']}")
     workspace = summary["paths"]["workspace"]
@@ -395,6 +395,72 @@ def lineage(
         console.print(
             f"{indent}  config: {json.dumps(config, sort_keys=True)}", markup=False, highlight=False
         )
+
+
+@app.command()
+def compare(
+    runs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="eval_results datasets (eval_results, eval_results__v2, a version id) or the flow run ids "
+            "of evaluate runs; default: the latest eval_results."
+        ),
+    ] = None,
+    workspace: WorkspaceOpt = Path("workspace"),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write OUTPUT.md and OUTPUT.png.")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare evaluations: every model and mode with 95% intervals, as a Markdown table (and a PNG).
+
+    Examples:
+      bvpo compare
+      bvpo compare eval_results__v1 eval_results__v2 --output reports/v1-vs-v2
+    """
+    from pipeline.evaluation.report import comparison_markdown, merge_runs, write_comparison_report
+    from storage import DatasetStore
+
+    try:
+        store = DatasetStore(workspace)
+        refs = [_eval_results_of(store, run) for run in runs or ["eval_results"]]
+        rows = merge_runs({ref.name: store.read_rows(ref) for ref in refs})
+        if not rows:
+            raise ValueError("the selected eval_results hold no rows")
+        console.print(comparison_markdown(rows), markup=False, highlight=False)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            markdown, chart = write_comparison_report(
+                rows, output, title="Comparison of " + ", ".join(r.name for r in refs)
+            )
+            console.print(f"wrote {markdown} and {chart}", markup=False)
+    except Exception as exc:
+        _fail(exc, debug)
+
+
+def _eval_results_of(store: Any, run: str) -> Any:
+    """The eval_results dataset named by ``run``: a dataset name/version, or the flow run that made it."""
+    from storage import CatalogError
+
+    if not store.catalog.path.exists():
+        raise ValueError(f"no catalog at {store.catalog.path}: run `bvpo run` first")
+    try:
+        ref = store.catalog.resolve(run)
+    except CatalogError:
+        made = [
+            r
+            for r in store.catalog.list_datasets()
+            if r["kind"] == "eval_results" and r["flow_run_id"] == run
+        ]
+        if not made:
+            raise ValueError(
+                f"'{run}' is neither a dataset nor the flow run of an evaluation in {store.workspace} "
+                "(see `bvpo datasets`)"
+            ) from None
+        ref = store.catalog.resolve(made[-1]["name"])
+    if ref.kind != "eval_results":
+        raise ValueError(f"'{run}' is a {ref.kind} dataset; compare takes eval_results datasets")
+    return ref
 
 
 def _print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:

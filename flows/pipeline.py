@@ -20,10 +20,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from pipeline.config import PipelineConfig
+from pipeline.config import ALPHA_BASELINES, PipelineConfig
 from storage import CatalogError, DatasetRef, DatasetStore
 from tasks.stages import (
+    EvalModel,
     TrainOutput,
+    eval_report_task,
     evaluate_task,
     generate_task,
     pair_task,
@@ -52,6 +54,7 @@ class DataRefreshOutput(BaseModel):
 class PipelineOutput(BaseModel):
     data: DataRefreshOutput
     train: TrainOutput
+    baselines: dict[str, TrainOutput] = {}
     eval_results: DatasetRef
     summary: dict[str, Any]
 
@@ -129,8 +132,9 @@ def evaluate(
     checkpoint: str | None = None,
     train_metrics: str | None = None,
     train_run_id: str | None = None,
+    baselines: list[str] | None = None,
 ) -> DatasetRef:
-    """Reference vs trained checkpoint on held-out prompts, both reasoning modes.
+    """Reference vs trained checkpoint (and any baselines) on held-out prompts, both reasoning modes.
 
     Which checkpoint: `train_metrics` if given, else `checkpoint`, else the one the train_bvpo run
     `train_run_id` produced, else the latest checkpoint trained in this workspace.
@@ -141,19 +145,31 @@ def evaluate(
             checkpoint.
         train_metrics: The train_metrics dataset of the checkpoint, e.g. `train_metrics__v3`.
         train_run_id: A train_bvpo flow run id (set by the eval-after-train trigger).
+        baselines: train_metrics datasets of other runs to evaluate alongside (e.g. the α=1 and α=0
+            baselines); each is labelled by its α.
     """
     target = resolve_eval_target(config, checkpoint, train_metrics, train_run_id)
     prompts = target.prompts if target.prompts is not None else prompts_task(config)
     parent = target.train_metrics or prompts
-    print(f"evaluating {target.checkpoint} ({parent.name}) on the eval split of {prompts.name}")
-    results = evaluate_task(config, prompts, target.checkpoint, parent)
+    others = [baseline_model(config, name) for name in baselines or []]
+    print(
+        f"evaluating {target.checkpoint} ({parent.name})"
+        + "".join(f", {b.label} ({b.parent.name})" for b in others)
+        + f" on the eval split of {prompts.name}"
+    )
+    results = evaluate_task(config, prompts, target.checkpoint, parent, others)
     rows = read_rows(config, results)
     create_table_artifact(
         key="eval-results",
         table=[{k: _round(v) for k, v in row.items()} for row in rows],
         description="Evaluation on the eval split (95% bootstrap intervals over prompts).",
     )
-    create_markdown_artifact(key="eval-summary", markdown=_eval_markdown(target.checkpoint, parent, rows))
+    report_md, chart = eval_report_task(config, results)
+    create_markdown_artifact(
+        key="eval-summary",
+        markdown=_eval_markdown(target.checkpoint, parent, rows)
+        + f"\n\n![scores]({_data_uri(chart)})\n\nReport: `{report_md}`, chart: `{chart}`",
+    )
     return results
 
 
@@ -167,11 +183,60 @@ def bvpo_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineOutput: 
     logger = get_run_logger()
     data = data_refresh(config)
     train = train_bvpo(config, data)
-    results = evaluate(config, train_metrics=train.metrics.qualified)
-    summary = build_summary(config, data, train, results)
+    baselines = {
+        name: train_bvpo.with_options(flow_run_name=f"baseline-{name}")(baseline_config(config, name), data)
+        for name in baselines_to_train(config)
+    }
+    results = evaluate(
+        config,
+        train_metrics=train.metrics.qualified,
+        baselines=[b.metrics.qualified for b in baselines.values()],
+    )
+    summary = build_summary(config, data, train, results, baselines)
     create_markdown_artifact(key="bvpo-run-summary", markdown=summary_markdown(summary))
     logger.info("Run complete. Catalog: %s", summary["paths"]["catalog"])
-    return PipelineOutput(data=data, train=train, eval_results=results, summary=summary)
+    return PipelineOutput(data=data, train=train, baselines=baselines, eval_results=results, summary=summary)
+
+
+def baselines_to_train(config: PipelineConfig) -> list[str]:
+    """The baselines (``dpo_trace``: α=1, ``dpo_empty``: α=0) a run trains next to BVPO, if enabled.
+
+    A baseline equal to the run itself (α already 1 or 0) is not trained twice.
+    """
+    if not config.eval.baselines:
+        return []
+    return [name for name, value in ALPHA_BASELINES.items() if not _same_alpha(config.train.alpha, value)]
+
+
+def baseline_config(config: PipelineConfig, name: str) -> PipelineConfig:
+    """``config`` with α set to a baseline; every other training setting is kept, so the runs compare."""
+    return config.model_copy(update={"train": config.train.model_copy(update={"alpha": name})})
+
+
+def baseline_model(config: PipelineConfig, train_metrics: str) -> EvalModel:
+    """A trained checkpoint to evaluate next to the main one, labelled by the α it was trained with."""
+    catalog = DatasetStore(config.workspace).catalog
+    ref = catalog.resolve(train_metrics)
+    if ref.kind != "train_metrics":
+        raise ValueError(f"baseline '{train_metrics}' is a {ref.kind} dataset, not train_metrics")
+    path = checkpoint_dir(config, ref)
+    _require_checkpoint(path)
+    alpha = catalog.parents_of(ref)[1].get("train", {}).get("alpha")
+    return EvalModel(label=alpha_label(alpha), checkpoint=str(path), parent=ref)
+
+
+def alpha_label(alpha: Any) -> str:
+    """``dpo_trace`` for α=1, ``dpo_empty`` for α=0, else ``alpha=<α>`` (``alpha=auto`` for the estimate)."""
+    for name, value in ALPHA_BASELINES.items():
+        if _same_alpha(alpha, value):
+            return name
+    return f"alpha={alpha}"
+
+
+def _same_alpha(alpha: Any, value: float) -> bool:
+    if isinstance(alpha, str):
+        return ALPHA_BASELINES.get(alpha) == value
+    return alpha is not None and float(alpha) == value
 
 
 class EvalTarget(BaseModel):
@@ -246,12 +311,17 @@ def _checkpoint_of_run(train_run_id: str) -> str:
 
 
 def build_summary(
-    config: PipelineConfig, data: DataRefreshOutput, train: TrainOutput, results: DatasetRef
+    config: PipelineConfig,
+    data: DataRefreshOutput,
+    train: TrainOutput,
+    results: DatasetRef,
+    baselines: dict[str, TrainOutput] | None = None,
 ) -> dict[str, Any]:
     """What a user wants at the end of a run: rows, pairs per mode, loss, eval scores and where things are."""
     metrics = read_rows(config, train.metrics)
     evals = read_rows(config, results)
     scores = {(r["model_label"], r["mode"]): r for r in evals if r["metric"] == "score"}
+    labels = _eval_labels({"all": {label: 0.0 for label, _ in scores}})
     datasets = [
         data.prompts,
         data.generations,
@@ -268,13 +338,10 @@ def build_summary(
         "loss": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"], "steps": len(metrics)},
         "weight_delta_l2": train.weight_delta_l2,
         "eval": {
-            mode: {
-                label: scores[(label, mode)]["value"]
-                for label in ("reference", "trained")
-                if (label, mode) in scores
-            }
+            mode: {label: scores[(label, mode)]["value"] for label in labels if (label, mode) in scores}
             for mode in ("trace", "empty")
         },
+        "baselines": {name: b.checkpoint for name, b in (baselines or {}).items()},
         "checkpoint": train.checkpoint,
         "paths": {k: str(v) for k, v in workspace_paths(config).items()},
     }
@@ -288,12 +355,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"Pairs: D_t (trace) {summary['pairs']['trace']}, D_e (empty) {summary['pairs']['empty']}.",
         f"Loss: {summary['loss']['first']:.4f} → {summary['loss']['last']:.4f} "
         f"over {summary['loss']['steps']} steps.",
-        "",
-        "| mode | reference score | trained score |",
-        "|---|---|---|",
     ]
+    labels = _eval_labels(summary["eval"])
+    lines += ["", "| mode | " + " | ".join(f"{label} score" for label in labels) + " |"]
+    lines.append("|---|" + "---|" * len(labels))
     for mode, values in summary["eval"].items():
-        lines.append(f"| {mode} | {_fmt(values.get('reference'))} | {_fmt(values.get('trained'))} |")
+        lines.append(f"| {mode} | " + " | ".join(_fmt(values.get(label)) for label in labels) + " |")
     lines += ["", f"Checkpoint: `{summary['checkpoint']}`", f"Catalog: `{summary['paths']['catalog']}`"]
     return "\n".join(lines)
 
@@ -362,20 +429,25 @@ def _train_markdown(config: PipelineConfig, out: TrainOutput, metrics: list[dict
 
 
 def _eval_markdown(checkpoint: str, parent: DatasetRef, rows: list[dict[str, Any]]) -> str:
-    scores = {(r["model_label"], r["mode"]): r["value"] for r in rows if r["metric"] == "score"}
-    lines = [
-        "# Evaluation",
-        "",
-        f"Checkpoint `{checkpoint}` (from `{parent.name}`) against the reference model.",
-        "",
-        "| mode | reference score | trained score |",
-        "|---|---|---|",
-    ]
-    for mode in ("trace", "empty"):
-        lines.append(
-            f"| {mode} | {_fmt(scores.get(('reference', mode)))} | {_fmt(scores.get(('trained', mode)))} |"
-        )
-    return "\n".join(lines)
+    from pipeline.evaluation.report import comparison_markdown
+
+    return "\n".join(
+        [
+            "# Evaluation",
+            "",
+            f"Checkpoint `{checkpoint}` (from `{parent.name}`, label `trained`) against the reference "
+            "model; value [95% bootstrap interval over prompts].",
+            "",
+            comparison_markdown(rows),
+        ]
+    )
+
+
+def _eval_labels(evals: dict[str, dict[str, float]]) -> list[str]:
+    """Model labels in report order: reference, trained, then the baselines."""
+    found = {label for values in evals.values() for label in values}
+    first = [label for label in ("reference", "trained") if label in found]
+    return first + sorted(found - set(first))
 
 
 def _data_uri(path: Path) -> str:

@@ -330,6 +330,11 @@ class EvalConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy.")
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0
+    baselines: bool = Field(
+        True,
+        description="bvpo_pipeline also trains the α=1 (DPO on traces) and α=0 (DPO on empty traces) "
+        "baselines with the same settings and evaluates them next to BVPO.",
+    )
 
 
 class PipelineConfig(_Section):

@@ -22,6 +22,14 @@ from storage import DatasetRef, DatasetStore, schema_for, version_key
 from tasks.orchestration import GPU_TAG, HOUR, TRANSIENT_RETRIES
 
 
+class EvalModel(BaseModel):
+    """A model evaluated next to the reference and the trained checkpoint (e.g. the α=1 / α=0 baselines)."""
+
+    label: str
+    checkpoint: str
+    parent: DatasetRef  # its train_metrics dataset
+
+
 class TrainOutput(BaseModel):
     metrics: DatasetRef
     checkpoint: str
@@ -301,9 +309,17 @@ def _fmt(value: float | None) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=[GPU_TAG], **TRANSIENT_RETRIES)  # no timeout: see score
 def evaluate_task(
-    config: PipelineConfig, prompts: DatasetRef, checkpoint: str, parent: DatasetRef
+    config: PipelineConfig,
+    prompts: DatasetRef,
+    checkpoint: str,
+    parent: DatasetRef,
+    baselines: list[EvalModel] | None = None,
 ) -> DatasetRef:
-    """Generate on the eval split with the reference and the trained model, score, and summarize."""
+    """Generate on the eval split with the reference, the trained model and any baselines; score; summarize.
+
+    Every model is generated with the same recorded sampling settings (``eval`` and ``generation``
+    sections), so its ``eval_generations`` version is reused whenever the same model is evaluated again.
+    """
     from pipeline.evaluation.metrics import summarize
     from pipeline.generation.worker import run_generation
     from pipeline.scoring.stage import score_generations
@@ -352,9 +368,10 @@ def evaluate_task(
         "reference", resolve_model_path(config.model), model_identity(config.model), []
     )
     trained = eval_generations("trained", checkpoint, checkpoint, [parent])
+    others = [eval_generations(b.label, b.checkpoint, b.checkpoint, [b.parent]) for b in baselines or []]
 
     def compute_results() -> tuple[pa.Table, list[dict[str, Any]]]:
-        rows = store.read_rows(reference) + store.read_rows(trained)
+        rows = [row for ref in (reference, trained, *others) for row in store.read_rows(ref)]
         results = summarize(
             rows,
             reference_label="reference",
@@ -363,7 +380,18 @@ def evaluate_task(
         )
         return _table("eval_results", results), []
 
-    return _materialize(store, "eval_results", eval_settings, [reference, trained], compute_results)
+    return _materialize(store, "eval_results", eval_settings, [reference, trained, *others], compute_results)
+
+
+@task(name="eval-report", cache_policy=NO_CACHE, timeout_seconds=600)
+def eval_report_task(config: PipelineConfig, results: DatasetRef) -> tuple[Path, Path]:
+    """The comparison report of an ``eval_results`` version: Markdown + PNG in ``<workspace>/reports/``."""
+    from pipeline.evaluation.report import write_comparison_report
+
+    store = _store(config)
+    return write_comparison_report(
+        store.read_rows(results), store.workspace / "reports" / f"{results.name}-{results.version}"
+    )
 
 
 def read_rows(config: PipelineConfig, ref: DatasetRef) -> list[dict[str, Any]]:

@@ -58,8 +58,9 @@ def test_every_dataset_is_registered_with_expected_rows(tiny_run) -> None:
     assert out.data.ref_logps.row_count == out.data.pairs_trace.row_count + out.data.pairs_empty.row_count
     assert out.train.metrics.row_count == config.train.max_steps
     eval_rows = store.read_rows(out.eval_results)
+    labels = ("reference", "trained", "dpo_trace", "dpo_empty")  # BVPO and the α=1 / α=0 baselines
     assert {(r["model_label"], r["mode"]) for r in eval_rows if r["metric"] == "score"} == {
-        (label, mode) for label in ("reference", "trained") for mode in ("trace", "empty")
+        (label, mode) for label in labels for mode in ("trace", "empty")
     }
     assert all(r["n"] == len(eval_prompts) for r in eval_rows if r["metric"] == "score")
     listed = {d["kind"] for d in store.catalog.list_datasets()}
@@ -74,6 +75,37 @@ def test_every_dataset_is_registered_with_expected_rows(tiny_run) -> None:
         "eval_generations",
         "eval_results",
     } <= listed
+
+
+def test_reference_bvpo_and_both_baselines_are_compared_with_intervals(tiny_run) -> None:
+    config, out = tiny_run
+    store = DatasetStore(config.workspace)
+    assert set(out.baselines) == {"dpo_trace", "dpo_empty"}
+    for name, alpha in (("dpo_trace", 1.0), ("dpo_empty", 0.0)):
+        baseline = out.baselines[name]
+        assert baseline.checkpoint != out.train.checkpoint
+        assert store.catalog.parents_of(baseline.metrics)[1]["train"]["alpha"] == name
+        metrics = store.read_rows(baseline.metrics)
+        assert len(metrics) == config.train.max_steps
+        # A baseline uses one mode only: α=1 never computes L_e, α=0 never computes L_t.
+        unused = "loss_e" if alpha == 1.0 else "loss_t"
+        assert all(m[unused] is None for m in metrics)
+    rows = store.read_rows(out.eval_results)
+    bounded = {"score", "win_rate_vs_reference", "lc_win_rate_vs_reference"}
+    for row in rows:
+        assert row["ci_low"] <= row["ci_high"] and row["n"] > 0, row
+        if row["metric"] in bounded:
+            assert all(0.0 <= row[k] <= 1.0 for k in ("value", "ci_low", "ci_high")), row
+        else:
+            assert row["value"] >= 0.0 and row["ci_low"] >= 0.0, row
+    win_rates = {(r["model_label"], r["mode"]) for r in rows if r["metric"] == "win_rate_vs_reference"}
+    assert win_rates == {
+        (m, mode) for m in ("trained", "dpo_trace", "dpo_empty") for mode in ("trace", "empty")
+    }
+    report = store.workspace / "reports" / f"{out.eval_results.name}-{out.eval_results.version}.md"
+    text = report.read_text()
+    assert all(label in text for label in ("reference", "trained", "dpo_trace", "dpo_empty"))
+    assert report.with_suffix(".png").stat().st_size > 0
 
 
 def test_bvpo_loss_is_finite_and_weights_changed(tiny_run) -> None:

@@ -42,3 +42,46 @@ def test_markdown_table_and_chart(tmp_path: Path) -> None:
     assert "| trained | trace | 0.625 [" in table
     png = comparison_chart(results, tmp_path / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_files_name_every_model(tmp_path: Path) -> None:
+    from pipeline.evaluation.report import write_comparison_report
+
+    results = summarize(_rows(), reference_label="reference", bootstrap_samples=50, seed=0)
+    markdown, chart = write_comparison_report(results, tmp_path / "reports" / "eval_results-abc")
+    text = markdown.read_text()
+    assert markdown.name == "eval_results-abc.md" and chart.name == "eval_results-abc.png"
+    assert "| reference | `m-reference` |" in text and "| trained | `m-trained` |" in text
+    assert f"]({chart.name})" in text and chart.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "alpha,expected",
+    [
+        (0.5, ["dpo_trace", "dpo_empty"]),
+        (1.0, ["dpo_empty"]),
+        ("dpo_empty", ["dpo_trace"]),
+        (0.0, ["dpo_trace"]),
+    ],
+)
+def test_baselines_are_trained_unless_the_run_is_one(alpha: float | str, expected: list[str]) -> None:
+    from flows.pipeline import alpha_label, baseline_config, baselines_to_train
+    from pipeline.config import PipelineConfig
+
+    config = PipelineConfig.model_validate({"train": {"alpha": alpha, "max_steps": 7}})
+    assert baselines_to_train(config) == expected
+    assert (
+        baselines_to_train(
+            config.model_copy(update={"eval": config.eval.model_copy(update={"baselines": False})})
+        )
+        == []
+    )
+    for name in expected:
+        baseline = baseline_config(config, name)
+        assert baseline.train.alpha == name and baseline.train.max_steps == 7
+        assert alpha_label(baseline.train.alpha) == name
+    assert (
+        alpha_label(0.5) == "alpha=0.5"
+        and alpha_label(1) == "dpo_trace"
+        and alpha_label("auto") == "alpha=auto"
+    )

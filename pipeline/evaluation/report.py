@@ -66,3 +66,46 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, metric: str = "
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_comparison_report(
+    rows: Sequence[dict[str, Any]], stem: Path, title: str = "Evaluation"
+) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` (table, model list, chart link) and ``<stem>.png``; return both paths."""
+    chart = comparison_chart(rows, stem.with_suffix(".png"))
+    models = sorted({(r["model_label"], r["model"]) for r in rows})
+    lines = [
+        f"# {title}",
+        "",
+        "Each cell: value [95% percentile-bootstrap interval over prompts]. Win rates are against the "
+        "reference model (ties count one half; length-controlled rates regress out the answer-length "
+        "difference).",
+        "",
+        comparison_markdown(rows),
+        "",
+        "| label | model |",
+        "|---|---|",
+        *[f"| {label} | `{model}` |" for label, model in models],
+        "",
+        f"![score by model and mode]({chart.name})",
+        "",
+    ]
+    markdown = stem.with_suffix(".md")
+    markdown.write_text("\n".join(lines))
+    return markdown, chart
+
+
+def merge_runs(runs: dict[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One ``eval_results`` table from several runs, each model labelled ``<run>/<label>``.
+
+    Args:
+        runs: run name → its ``eval_results`` rows (insertion order is kept in the report).
+
+    Returns:
+        The rows of every run; with a single run the labels are left as they are.
+    """
+    if len(runs) == 1:
+        return [dict(row) for row in next(iter(runs.values()))]
+    return [
+        {**row, "model_label": f"{run}/{row['model_label']}"} for run, rows in runs.items() for row in rows
+    ]
