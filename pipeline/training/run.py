@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class TrainResult:
     metrics: list[dict[str, Any]]
     weight_delta_l2: float  # ‖θ_final − θ_initial‖₂ over the trained parameters
     resumed_from_step: int
+    grad_stats: list[dict[str, Any]] = field(default_factory=list)  # gradient-probe rows (grad_probe.py)
 
 
 def state_dir_for(output_dir: Path) -> Path:
@@ -90,13 +91,25 @@ def train_bvpo(
     *,
     trust_remote_code: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    generations: Sequence[dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Train with BVPO and save a Hugging Face checkpoint to ``output_dir`` (written atomically)."""
+    """Train with BVPO and save a Hugging Face checkpoint to ``output_dir`` (written atomically).
+
+    ``generations``: the rows the pairs came from; the gradient probe (``alpha: auto`` or
+    ``probe.enabled``) reuses their stored reasoning-on traces.
+    """
     if config.num_processes > 1 and not (
         torch.distributed.is_available() and torch.distributed.is_initialized()
     ):
         return _launch_distributed(
-            model_path, pairs_trace, pairs_empty, ref_logps, config, output_dir, trust_remote_code
+            model_path,
+            pairs_trace,
+            pairs_empty,
+            ref_logps,
+            config,
+            output_dir,
+            trust_remote_code,
+            generations,
         )
     torch.manual_seed(config.seed)
     model, tokenizer = prepare_model(model_path, config, trust_remote_code)
@@ -104,7 +117,14 @@ def train_bvpo(
     alpha = config.alpha_value
     data_t = join_reference(tokenizer, pairs_trace, refs["trace"], config.max_length) if alpha > 0 else []
     data_e = join_reference(tokenizer, pairs_empty, refs["empty"], config.max_length) if alpha < 1 else []
-    trainer = BVPOTrainer(model, data_t, data_e, config, pad_id=tokenizer.pad_token_id)
+    probe = None
+    if config.probe_active:  # built before resuming: its reference log-probs come from the initial model
+        if generations is None:
+            raise TrainingDataError("alpha: auto / probe.enabled needs the generations (the stored traces)")
+        from pipeline.training.grad_probe import build_probe
+
+        probe = build_probe(model, tokenizer, pairs_trace, generations, config)
+    trainer = BVPOTrainer(model, data_t, data_e, config, pad_id=tokenizer.pad_token_id, probe=probe)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     state_dir = state_dir_for(output_dir)
     resumed = trainer.step if trainer.resume_from(state_dir) else 0
@@ -119,7 +139,7 @@ def train_bvpo(
     full_weights = trainer.full_model_state_dict() if trainer.fsdp else None  # collective under FSDP
     if trainer.rank == 0:
         save_hf_checkpoint(model, tokenizer, output_dir, state_dict=full_weights)
-    return TrainResult(output_dir, trainer.metrics, delta, resumed)
+    return TrainResult(output_dir, trainer.metrics, delta, resumed, probe.rows if probe is not None else [])
 
 
 def _launch_distributed(
@@ -130,6 +150,7 @@ def _launch_distributed(
     config: TrainConfig,
     output_dir: Path,
     trust_remote_code: bool,
+    generations: Sequence[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Run :func:`train_bvpo` under torchrun with ``config.num_processes`` ranks."""
     with tempfile.TemporaryDirectory(prefix="bvpo-train-") as tmp:
@@ -138,6 +159,7 @@ def _launch_distributed(
             ("pairs_trace", pairs_trace),
             ("pairs_empty", pairs_empty),
             ("ref_logps", ref_logps),
+            *([("generations", generations)] if generations is not None else []),
         ):
             paths[name] = str(Path(tmp) / f"{name}.parquet")
             pq.write_table(pa.Table.from_pylist(list(rows)), paths[name])
@@ -159,9 +181,20 @@ def _launch_distributed(
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={config.num_processes}", "-m", "pipeline.training.launch", str(request),
         ]  # fmt: skip
-        proc = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True)
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            # All ranks are on this machine: gloo must not follow the hostname to an interface that a
+            # sandboxed or firewalled host cannot reach (ranks then wait out the 30-minute timeout).
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
             raise RuntimeError(f"distributed training failed (exit code {proc.returncode}):\n{tail}")
         result = json.loads(result_path.read_text())
-    return TrainResult(output_dir, result["metrics"], result["weight_delta_l2"], result["resumed_from_step"])
+    return TrainResult(
+        output_dir,
+        result["metrics"],
+        result["weight_delta_l2"],
+        result["resumed_from_step"],
+        result.get("grad_stats", []),
+    )
