@@ -28,6 +28,7 @@ from tasks.stages import (
     eval_report_task,
     evaluate_task,
     generate_task,
+    grad_stats_plot_task,
     pair_task,
     prompts_task,
     read_rows,
@@ -115,6 +116,8 @@ def train_bvpo(
         table=[{k: _round(v) for k, v in row.items() if k != "checkpoint"} for row in metrics],
         description=f"BVPO training (alpha={config.train.alpha}); checkpoint: {out.checkpoint}",
     )
+    if out.grad_stats is not None:  # the gradient probe ran (alpha: auto or train.probe.enabled)
+        _grad_stats_artifacts(config, out.grad_stats, out.metrics)
     create_table_artifact(
         key=CHECKPOINT_ARTIFACT,
         table=[
@@ -448,6 +451,22 @@ def _eval_labels(evals: dict[str, dict[str, float]]) -> list[str]:
     found = {label for values in evals.values() for label in values}
     first = [label for label in ("reference", "trained") if label in found]
     return first + sorted(found - set(first))
+
+
+def _grad_stats_artifacts(config: PipelineConfig, grad_stats: DatasetRef, metrics: DatasetRef) -> None:
+    """α̂* over steps and tr Var_r[g_t] vs tr Var_r[g_c] (plot), and the grad_stats rows (table)."""
+    plot = grad_stats_plot_task(config, grad_stats, metrics)
+    create_markdown_artifact(
+        key="grad-stats-plot",
+        markdown="# α̂* and the trace-induced variance BVPO removes\n\n"
+        f"![gradient probe]({_data_uri(plot)})\n\nPNG: `{plot}`. "
+        f'Rows: `bvpo sql -w {config.workspace} "select * from {grad_stats.name}"`',
+    )
+    create_table_artifact(
+        key="grad-stats",
+        table=[{k: _round(v) for k, v in row.items()} for row in read_rows(config, grad_stats)],
+        description="Gradient probe: α̂* (95% CI), tr Var_r[g_t] vs tr Var_r[g_c], biases, MSE vs Ĝ.",
+    )
 
 
 def _data_uri(path: Path) -> str:

@@ -156,8 +156,8 @@ class RewardModelOptions(_Section):
     trust_remote_code: bool = Field(False, description="Allow the model repository to run its own code.")
 
 
-class JudgeOptions(_Section):
-    """Options of the ``judge`` scorer: an LLM judge behind an OpenAI-compatible chat endpoint."""
+class ChatEndpointOptions(_Section):
+    """An LLM judge behind an OpenAI-compatible chat endpoint (e.g. ``vllm serve`` or a hosted API)."""
 
     base_url: str = Field(
         "http://127.0.0.1:8000/v1", description="Endpoint root; '/chat/completions' is appended."
@@ -166,16 +166,21 @@ class JudgeOptions(_Section):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (none: no key sent)."
     )
-    rubric: str | None = Field(
-        None,
-        description="Custom judge prompt with '{question}' and '{answer}' placeholders; it must ask for "
-        "'Rating: [[N]]' with N from 1 to 10. None: the built-in rubric.",
-    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, ge=1, description="Token limit of each judgement.")
     timeout_s: float = Field(120.0, gt=0.0, description="Per-request timeout.")
     max_retries: int = Field(2, ge=0, description="Retries after connection errors, 429 and 5xx answers.")
     concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+
+
+class JudgeOptions(ChatEndpointOptions):
+    """Options of the ``judge`` scorer: a pointwise 1-10 rubric rating from a chat endpoint."""
+
+    rubric: str | None = Field(
+        None,
+        description="Custom judge prompt with '{question}' and '{answer}' placeholders; it must ask for "
+        "'Rating: [[N]]' with N from 1 to 10. None: the built-in rubric.",
+    )
     normalize: bool = Field(True, description="Map the 1-10 rating to [0, 1] as (rating - 1) / 9.")
 
     @field_validator("rubric")
@@ -281,12 +286,62 @@ class LoraSettings(_Section):
 ALPHA_BASELINES = {"dpo_trace": 1.0, "dpo_empty": 0.0}
 
 
+class ProbeConfig(_Section):
+    """Gradient-statistics probe: α̂* and the trace-induced variance, measured during training.
+
+    See pipeline/training/grad_probe.py and DESIGN.md §1 (the α* equation, Var_r[g_c] = α² Var_r[g_t]).
+    """
+
+    enabled: bool = Field(
+        False, description="Run the probe with a fixed α as well (with alpha: auto it always runs)."
+    )
+    every: int = Field(10, ge=1, description="Probe before step 0 and then every N optimizer steps.")
+    prompts: int = Field(4, ge=1, description="Probe set size: D_t prompts whose stored traces are reused.")
+    traces: int = Field(
+        4,
+        ge=4,
+        description="Stored reasoning-on traces per probe prompt (even): disjoint trace pairs give "
+        "traces/2 samples of g_t; the other traces give the leave-out marginal-gradient estimate.",
+    )
+    params: Literal["auto", "head", "lora", "all"] = Field(
+        "auto",
+        description="Gradient subset: the LM head, the LoRA adapters, or every trainable weight; 'auto': "
+        "LoRA adapters when LoRA is on, else the LM head.",
+    )
+    projection_dim: int = Field(
+        4096,
+        ge=64,
+        description="D of the seeded random projection of the per-example gradients (used when the "
+        "subset has more than D weights; a Kronecker Gaussian sketch for the head, a count sketch else).",
+    )
+    bootstrap: int = Field(500, ge=10, description="Bootstrap resamples (over probe prompts) for α̂*'s CI.")
+    ema_decay: float = Field(0.5, ge=0.0, lt=1.0, description="alpha: auto: EMA decay of α̂* over probes.")
+    alpha_min: float = Field(0.0, ge=0.0, le=1.0, description="alpha: auto: lower bound of α.")
+    alpha_max: float = Field(1.0, ge=0.0, le=1.0, description="alpha: auto: upper bound of α.")
+    alpha_init: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="alpha: auto: prior the EMA starts from (None: the first probe's α̂* starts it).",
+    )
+    seed: int = Field(0, description="Seeds the probe-prompt choice, the projection and the bootstrap.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProbeConfig:
+        if self.traces % 2:
+            raise ValueError(f"probe.traces must be even (disjoint chosen/rejected pairs), got {self.traces}")
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"probe.alpha_min ({self.alpha_min}) exceeds probe.alpha_max ({self.alpha_max})")
+        return self
+
+
 class TrainConfig(_Section):
     """BVPO training: L = α·L_t + (1−α)·L_e (DESIGN.md §1)."""
 
-    alpha: float | Literal["dpo_trace", "dpo_empty"] = Field(
+    alpha: float | Literal["dpo_trace", "dpo_empty", "auto"] = Field(
         0.5,
-        description="Mixing weight α in [0, 1]; 'dpo_trace' (α=1) and 'dpo_empty' (α=0) name the baselines.",
+        description="Mixing weight α in [0, 1]; 'dpo_trace' (α=1) and 'dpo_empty' (α=0) name the baselines; "
+        "'auto' uses the probe's EMA-smoothed α̂* (see probe).",
     )
     beta: float = Field(0.1, gt=0.0, description="DPO temperature β.")
     max_steps: int = Field(12, ge=1)
@@ -308,6 +363,9 @@ class TrainConfig(_Section):
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With num_processes > 1: replicate the model (ddp) or shard it (fsdp, FSDP2)."
     )
+    probe: ProbeConfig = Field(
+        default_factory=ProbeConfig, description="Gradient-statistics probe (α̂*, trace-induced variance)."
+    )
     seed: int = 0
 
     @field_validator("alpha")
@@ -319,8 +377,15 @@ class TrainConfig(_Section):
 
     @property
     def alpha_value(self) -> float:
-        """α as a number (baseline names resolved)."""
+        """α as a number (baseline names resolved; 'auto': the α before the first probe)."""
+        if self.alpha == "auto":
+            return 0.5 if self.probe.alpha_init is None else self.probe.alpha_init
         return ALPHA_BASELINES[self.alpha] if isinstance(self.alpha, str) else float(self.alpha)
+
+    @property
+    def probe_active(self) -> bool:
+        """Whether training runs the gradient probe (always with alpha: auto)."""
+        return self.alpha == "auto" or self.probe.enabled
 
 
 class EvalConfig(_Section):
@@ -330,6 +395,11 @@ class EvalConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy.")
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0
+    pairwise_judge: ChatEndpointOptions | None = Field(
+        None,
+        description="LLM judge for win rates vs the reference, asked in both answer orders. None: win "
+        "rates compare the scorers' per-prompt scores.",
+    )
     baselines: bool = Field(
         True,
         description="bvpo_pipeline also trains the α=1 (DPO on traces) and α=0 (DPO on empty traces) "
@@ -370,7 +440,12 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     """Read a YAML config (optional) and apply ``section.key=value`` overrides (values parsed as YAML)."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML{_yaml_problem(exc)}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level of a config file must be a mapping")
         data = loaded or {}
@@ -384,8 +459,23 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML{_yaml_problem(exc)}") from exc
     return PipelineConfig.model_validate(data)
+
+
+class ConfigError(ValueError):
+    """A config file or an override cannot be read (the message names it, and the line for YAML)."""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`` (line L, column C): problem`` of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{where}: {problem}"
 
 
 def stage_fingerprint(section: BaseModel) -> dict[str, Any]:

@@ -104,6 +104,10 @@ def write_staging(lake: LakeFS, table: pa.Table, kind: str, version: str) -> str
         for index in range(parts):
             chunk = table.slice(index * ROWS_PER_PART, ROWS_PER_PART)
             lake.write_file(f"{staging}/part-{index:05d}.parquet", functools.partial(_write_part, chunk))
+    except OSError as exc:  # e.g. a full disk: say which dataset could not be written, keep the errno
+        lake.remove_tree(staging)
+        message = f"cannot write dataset {kind} (version {version}) under {folder}: {exc.strerror or exc}"
+        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
     except BaseException:
         lake.remove_tree(staging)
         raise

@@ -117,6 +117,30 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("checkpoint", pa.string(), nullable=False),
         ]
     ),
+    # Gradient probe of a training run (pipeline/training/grad_probe.py), one row per probe.
+    "grad_stats": pa.schema(
+        [
+            pa.field("step", pa.int32(), nullable=False),  # optimizer steps taken before the probe
+            pa.field("alpha", pa.float64(), nullable=False),  # α trained with from this step on
+            pa.field("alpha_hat", pa.float64(), nullable=False),  # α̂* of this probe
+            pa.field("ci_low", pa.float64(), nullable=False),
+            pa.field("ci_high", pa.float64(), nullable=False),
+            pa.field("numerator", pa.float64(), nullable=False),  # E⟨g_e − Ĝ, g_e − g_t⟩
+            pa.field("denominator", pa.float64(), nullable=False),  # E‖g_t − g_e‖²
+            pa.field("trace_var_t", pa.float64()),  # tr Var_r[g_t]
+            pa.field("trace_var_c", pa.float64()),  # tr Var_r[g_c], g_c = α g_t + (1−α) g_e
+            pa.field("bias_t", pa.float64(), nullable=False),  # ‖E g_t − Ĝ‖
+            pa.field("bias_e", pa.float64(), nullable=False),  # ‖E g_e − Ĝ‖
+            pa.field("mse_trace", pa.float64(), nullable=False),  # E‖g_t − Ĝ‖²
+            pa.field("mse_empty", pa.float64(), nullable=False),  # E‖g_e − Ĝ‖²
+            pa.field("mse_alpha", pa.float64(), nullable=False),  # E‖g_c − Ĝ‖²
+            pa.field("n_prompts", pa.int32(), nullable=False),
+            pa.field("pairs_per_prompt", pa.int32(), nullable=False),
+            pa.field("dim", pa.int64(), nullable=False),  # gradient dimensions (after projection)
+            pa.field("params", pa.string(), nullable=False),  # head | lora | all
+            pa.field("seconds", pa.float64(), nullable=False),
+        ]
+    ),
     "eval_generations": pa.schema(
         [
             *_GENERATION_FIELDS,

@@ -34,6 +34,7 @@ class TrainOutput(BaseModel):
     metrics: DatasetRef
     checkpoint: str
     weight_delta_l2: float | None = None
+    grad_stats: DatasetRef | None = None  # gradient-probe rows (alpha: auto or train.probe.enabled)
 
 
 def _flow_run_id() -> str | None:
@@ -48,7 +49,12 @@ def model_identity(model: ModelConfig) -> str:
 
 
 def resolve_model_path(model: ModelConfig) -> str:
-    return str(embedded_checkpoint()) if model.name_or_path == EMBEDDED_MODEL else model.name_or_path
+    """The model folder (or hub id) to load; a local folder lacking config, weights or tokenizer fails."""
+    from pipeline.preflight import check_model_dir
+
+    path = str(embedded_checkpoint()) if model.name_or_path == EMBEDDED_MODEL else model.name_or_path
+    check_model_dir(path)
+    return path
 
 
 def _store(config: PipelineConfig) -> DatasetStore:
@@ -103,7 +109,8 @@ def prompts_task(config: PipelineConfig) -> DatasetRef:
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
         result = load_prompts(config.prompts)
         if not result.rows:
-            reasons = "; ".join(sorted({r["reason"] for r in result.rejects})[:5]) or "the source is empty"
+            first = [f"{r['row_key']}: {r['reason']}" for r in result.rejects[:5]]
+            reasons = "; ".join(first) or "the source is empty"
             raise ValueError(f"no usable prompts in '{config.prompts.source}': {reasons}")
         return _table("prompts", result.rows), result.rejects
 
@@ -258,12 +265,16 @@ def train_task(
     settings = {"model": model_identity(config.model), "train": config.train.model_dump(mode="json")}
     checkpoint = store.workspace / "checkpoints" / version_key("train_metrics", settings, parents)
     delta: dict[str, float] = {}
+    probe = config.train.probe_active  # gradient probe: reads the stored traces, writes grad_stats
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        _require_pairs(config, pairs_trace, pairs_empty)  # before the model is loaded
+
         def log_step(row: dict[str, Any]) -> None:
             logger.info(
-                "step %d loss %.4f (L_t %s, L_e %s) grad_norm %.3f %.0f tokens/s",
+                "step %d alpha %.3f loss %.4f (L_t %s, L_e %s) grad_norm %.3f %.0f tokens/s",
                 row["step"],
+                row["alpha"],
                 row["loss"],
                 _fmt(row["loss_t"]),
                 _fmt(row["loss_e"]),
@@ -280,8 +291,17 @@ def train_task(
             checkpoint,
             trust_remote_code=config.model.trust_remote_code,
             on_step=log_step,
+            generations=store.read_rows(generations_for(store, pairs_trace)) if probe else None,
         )
         delta["value"] = result.weight_delta_l2
+        if probe:  # registered before train_metrics, so train_metrics is never visible without it
+            store.put(
+                "grad_stats",
+                _table("grad_stats", result.grad_stats),
+                config=settings,
+                parents=parents,
+                flow_run_id=_flow_run_id(),
+            )
         if result.resumed_from_step:
             logger.info("resumed training from step %d", result.resumed_from_step)
         rows = [{**m, "checkpoint": str(checkpoint)} for m in result.metrics]
@@ -290,7 +310,48 @@ def train_task(
     metrics = _materialize(store, "train_metrics", settings, parents, compute)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{metrics.name} is registered but its checkpoint {checkpoint} is missing")
-    return TrainOutput(metrics=metrics, checkpoint=str(checkpoint), weight_delta_l2=delta.get("value"))
+    grad_stats = store.lookup("grad_stats", settings, parents) if probe else None
+    return TrainOutput(
+        metrics=metrics,
+        checkpoint=str(checkpoint),
+        weight_delta_l2=delta.get("value"),
+        grad_stats=grad_stats,
+    )
+
+
+def generations_for(store: DatasetStore, pairs: DatasetRef) -> DatasetRef:
+    """The generations dataset a pairs dataset was built from (its stored traces feed the gradient probe)."""
+    for _, node, _ in store.catalog.lineage(pairs):
+        if node.kind == "generations":
+            return node
+    raise ValueError(f"{pairs.name} has no generations dataset in its lineage")
+
+
+@task(name="plot-grad-stats", cache_policy=NO_CACHE, timeout_seconds=600)
+def grad_stats_plot_task(config: PipelineConfig, grad_stats: DatasetRef, metrics: DatasetRef) -> Path:
+    """PNG of α̂* over steps and the trace-induced variance of g_t vs g_c, under ``<workspace>/reports/``."""
+    from pipeline.training.grad_plots import plot_grad_stats
+
+    store = _store(config)
+    path = store.workspace / "reports" / f"{grad_stats.name}-{grad_stats.version}.png"
+    return plot_grad_stats(store.read_rows(grad_stats), path, metrics=store.read_rows(metrics))
+
+
+def _require_pairs(config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef) -> None:
+    """Fail, naming the empty dataset, when α needs pairs of a mode that pairing left empty."""
+    from pipeline.training.trainer import TrainingDataError
+
+    alpha = config.train.alpha_value
+    needs = (
+        (pairs_trace, alpha > 0, "trace pairs (D_t)"),
+        (pairs_empty, alpha < 1, "empty-trace pairs (D_e)"),
+    )
+    for ref, used, what in needs:
+        if used and ref.row_count == 0:
+            raise TrainingDataError(
+                f"train.alpha={config.train.alpha} needs {what}, but {ref.name} has no rows "
+                "(why: bvpo sql \"select * from rejects where stage = 'pair'\")"
+            )
 
 
 @task(name="plot-training", cache_policy=NO_CACHE, timeout_seconds=600)
@@ -377,10 +438,39 @@ def evaluate_task(
             reference_label="reference",
             bootstrap_samples=config.eval.bootstrap_samples,
             seed=config.eval.seed,
+            judgements=_pairwise_judgements(config, rows, by_id) if config.eval.pairwise_judge else None,
         )
         return _table("eval_results", results), []
 
     return _materialize(store, "eval_results", eval_settings, [reference, trained, *others], compute_results)
+
+
+def _pairwise_judgements(
+    config: PipelineConfig, rows: list[dict[str, Any]], prompts: dict[str, dict[str, Any]]
+) -> dict[tuple[str, str], list[Any]]:
+    """Both-order verdicts of the configured pairwise judge, per (model label, mode), vs the reference."""
+    from pipeline.evaluation.pairwise_judge import items_against_reference, judge_against_reference
+    from pipeline.scoring.openai_chat import OpenAIChatClient
+
+    assert config.eval.pairwise_judge is not None
+    logger = get_run_logger()
+    texts = {pid: p["prompt"] for pid, p in prompts.items()}
+    client = OpenAIChatClient.from_options(config.eval.pairwise_judge)
+    out: dict[tuple[str, str], list[Any]] = {}
+    try:
+        for label in sorted({r["model_label"] for r in rows} - {"reference"}):
+            for mode in ("trace", "empty"):
+                items = items_against_reference(rows, texts, label, mode, "reference")
+                result = judge_against_reference(client, items)
+                if result.unreadable:
+                    logger.warning(
+                        "pairwise judge: %d of %d verdicts for %s (%s) were unreadable and count as ties",
+                        result.unreadable, 2 * len(items), label, mode,
+                    )  # fmt: skip
+                out[(label, mode)] = result.judgements
+    finally:
+        client.close()
+    return out
 
 
 @task(name="eval-report", cache_policy=NO_CACHE, timeout_seconds=600)

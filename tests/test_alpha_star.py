@@ -98,3 +98,30 @@ def test_alpha_controller_smooths_and_respects_bounds() -> None:
     assert controller.value == pytest.approx(0.2)
     with pytest.raises(ValueError, match="bounds"):
         AlphaController(0.5, low=0.9, high=0.1)
+
+
+def test_leave_out_g_hat_is_unbiased_where_a_shared_g_hat_is_not() -> None:
+    """Ĝ built from the same traces as g_t correlates with it and inflates the numerator by tr Σ_t / K.
+
+    Trace k contributes noise ξ_k to g_t^(k) and to every Ĝ that uses it; the probe's per-sample Ĝ
+    (``[N, K, D]``) leaves trace k out, which restores the analytic α*.
+    """
+    n, k, sigma_t, sigma_e = 40_000, 4, 1.0, 0.3
+    b_t = torch.full((D,), 0.05, dtype=torch.float64)
+    b_e = torch.linspace(-1, 1, D, dtype=torch.float64) * 0.4
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    xi = sigma_t * torch.randn(n, k, D, generator=gen, dtype=torch.float64)
+    g_t = g.unsqueeze(1) + b_t + xi
+    g_e = g + b_e + sigma_e * torch.randn(n, D, generator=gen, dtype=torch.float64)
+    shared = g + xi.mean(1)  # [N, D]: every trace's noise, including sample k's own
+    leave_out = g.unsqueeze(1) + (xi.sum(1, keepdim=True) - xi) / (k - 1)  # [N, K, D]
+    expected = _analytic(sigma_t, sigma_e, b_t, b_e)
+    loo = estimate_gradient_stats(g_t, g_e, leave_out, bootstrap=50)
+    biased = estimate_gradient_stats(g_t, g_e, shared, bootstrap=50)
+    assert loo.alpha_star == pytest.approx(expected, abs=0.02)
+    inflation = D * sigma_t**2 / k / biased.denominator
+    assert biased.alpha_star - expected == pytest.approx(inflation, abs=0.02)
+    assert inflation > 0.1  # the bias is large enough that the first assertion could not pass by chance
+    with pytest.raises(ValueError, match="g_hat"):
+        estimate_gradient_stats(g_t, g_e, leave_out[:, :2])

@@ -48,3 +48,46 @@ def test_arena_hard_answer_file_has_one_record_per_question(tmp_path: Path) -> N
     # Only the final answer is exported, never the trace.
     assert lines[0]["choices"][0]["turns"][0]["content"] == "4"
     assert len({r["answer_id"] for r in lines}) == 2
+
+
+def test_export_command_writes_both_formats_from_a_workspace(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from storage import DatasetStore
+    from tests.synthetic_workspace import build_workspace
+
+    run = build_workspace(tmp_path / "ws")
+    runner = CliRunner()
+    alpaca = tmp_path / "out" / "trained.json"
+    result = runner.invoke(app, ["export", "alpaca-eval", "-o", str(alpaca), "-w", str(run.workspace)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(alpaca.read_text())
+    store = DatasetStore(run.workspace)
+    trained = store.read_rows(run.datasets["eval_generations_trained"])
+    eval_prompts = {r["prompt_id"] for r in trained if r["mode"] == "trace"}
+    assert len(records) == len(eval_prompts) and all(r["generator"].startswith("trained:") for r in records)
+    arena = tmp_path / "out" / "ref.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "arena-hard",
+            "--label",
+            "reference",
+            "--mode",
+            "empty",
+            "-o",
+            str(arena),
+            "-w",
+            str(run.workspace),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert all(json.loads(line)["model_id"] == "reference-empty" for line in arena.read_text().splitlines())
+    missing = runner.invoke(
+        app, ["export", "arena-hard", "--label", "nobody", "-o", str(arena), "-w", str(run.workspace)]
+    )
+    assert (
+        missing.exit_code == 1 and "no eval_generations dataset holds answers of 'nobody'" in missing.output
+    )

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.winrate import lc_win_rate, score_judgements, win_rate
+from pipeline.evaluation.winrate import (
+    Judgement,
+    lc_win_rate,
+    position_consistency,
+    score_judgements,
+    win_rate,
+)
 
 
 def bootstrap_ci(values: Sequence[float], samples: int, seed: int) -> tuple[float, float]:
@@ -22,9 +28,18 @@ def bootstrap_ci(values: Sequence[float], samples: int, seed: int) -> tuple[floa
 
 
 def summarize(
-    rows: Sequence[dict[str, Any]], *, reference_label: str, bootstrap_samples: int, seed: int
+    rows: Sequence[dict[str, Any]],
+    *,
+    reference_label: str,
+    bootstrap_samples: int,
+    seed: int,
+    judgements: Mapping[tuple[str, str], Sequence[Judgement]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the ``eval_results`` schema from scored eval generations.
+
+    ``judgements`` (per ``(model_label, mode)``, from a pairwise judge asked in both orders) replace the
+    score comparison behind the win rates, and add ``judge_position_consistency`` (share of prompts whose
+    two orders agreed).
 
     Metrics per model and mode: ``score`` (mean final-answer score per prompt), ``answer_tokens``,
     ``trace_tokens`` and, for models other than the reference, ``win_rate_vs_reference`` (per prompt: 1 if its
@@ -59,19 +74,39 @@ def summarize(
             mine, theirs = mean_of("score", group), mean_of("score", reference)
             my_len, their_len = mean_of("answer_tokens", group), mean_of("answer_tokens", reference)
             shared = sorted(set(mine) & set(theirs))
-            judgements = score_judgements(
-                shared,
-                [mine[p] for p in shared],
-                [theirs[p] for p in shared],
-                [my_len[p] for p in shared],
-                [their_len[p] for p in shared],
+            judged = (judgements or {}).get((label, mode))
+            verdicts = (
+                list(judged)
+                if judged is not None
+                else score_judgements(
+                    shared,
+                    [mine[p] for p in shared],
+                    [theirs[p] for p in shared],
+                    [my_len[p] for p in shared],
+                    [their_len[p] for p in shared],
+                )
             )
-            if judgements:
+            if judged:
+                agreed = [float(j.model_first == j.reference_first) for j in judged]
+                low, high = bootstrap_ci(agreed, bootstrap_samples, seed)
+                out.append(
+                    _result(
+                        label,
+                        models[label],
+                        mode,
+                        "judge_position_consistency",
+                        position_consistency(judged),
+                        low,
+                        high,
+                        len(agreed),
+                    )
+                )
+            if verdicts:
                 for metric, rate in (
-                    ("win_rate_vs_reference", win_rate(judgements, bootstrap=bootstrap_samples, seed=seed)),
+                    ("win_rate_vs_reference", win_rate(verdicts, bootstrap=bootstrap_samples, seed=seed)),
                     (
                         "lc_win_rate_vs_reference",
-                        lc_win_rate(judgements, bootstrap=bootstrap_samples, seed=seed),
+                        lc_win_rate(verdicts, bootstrap=bootstrap_samples, seed=seed),
                     ),
                 ):
                     out.append(

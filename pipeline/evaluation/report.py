@@ -17,7 +17,8 @@ REPORT_METRICS = (
 
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One row per (model, mode); one column per metric, as ``value [low, high]``."""
-    metrics = [m for m in REPORT_METRICS if any(r["metric"] == m for r in rows)]
+    present = {r["metric"] for r in rows}
+    metrics = [m for m in REPORT_METRICS if m in present] + sorted(present - set(REPORT_METRICS))
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
         if r["metric"] in metrics:

@@ -21,12 +21,16 @@ from tqdm.auto import tqdm
 
 from pipeline.config import GenerationConfig
 from pipeline.generation.engine import Completion, SamplingSpec
+from pipeline.redact import redact, remember
 
 MAX_BACKOFF_S = 30.0
 
 
 class EndpointError(RuntimeError):
     """The completions endpoint could not be reached or answered with an error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))  # an API key echoed by the server never reaches a log
 
 
 def api_key_from_env(name: str | None) -> str | None:
@@ -36,7 +40,7 @@ def api_key_from_env(name: str | None) -> str | None:
     value = os.environ.get(name)
     if not value:
         raise EndpointError(f"environment variable {name} (generation.api_key_env) is not set")
-    return value
+    return remember(value)
 
 
 class OpenAICompletionsEngine:
@@ -64,7 +68,7 @@ class OpenAICompletionsEngine:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.progress = progress
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"Authorization": f"Bearer {remember(api_key)}"} if api_key else {}
         self._http = httpx.Client(
             headers=headers,
             timeout=timeout_s,

@@ -94,6 +94,9 @@ def run_generate_stage(
     started = time.perf_counter()
     if tokenizer is None:
         tokenizer = engine.tokenizer if engine is not None else load_tokenizer(model_path, trust_remote_code)
+    from pipeline.preflight import check_chat_template
+
+    check_chat_template(tokenizer, config.reasoning, model_path)  # before any engine starts
     kept, rejects = check_prompt_lengths(tokenizer, prompts, config)
     plan = plan_shards(kept, config.shard_size, config.seed)
     store = ShardStore(staging_dir)

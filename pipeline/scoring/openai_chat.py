@@ -16,13 +16,17 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from pipeline.config import JudgeOptions
+from pipeline.config import ChatEndpointOptions
+from pipeline.redact import redact, remember
 
 Message = dict[str, str]
 
 
 class ChatEndpointError(RuntimeError):
     """The chat endpoint could not be reached or answered with an error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))  # an API key echoed by the server never reaches a log
 
 
 def api_key_from_env(name: str | None) -> str | None:
@@ -32,7 +36,7 @@ def api_key_from_env(name: str | None) -> str | None:
     value = os.environ.get(name)
     if not value:
         raise ChatEndpointError(f"environment variable {name} (judge api_key_env) is not set")
-    return value
+    return remember(value)
 
 
 class OpenAIChatClient:
@@ -60,11 +64,11 @@ class OpenAIChatClient:
         self.concurrency = concurrency
         self.backoff_s = backoff_s
         self.progress = progress
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"Authorization": f"Bearer {remember(api_key)}"} if api_key else {}
         self._http = httpx.Client(headers=headers, timeout=timeout_s)
 
     @classmethod
-    def from_options(cls, options: JudgeOptions) -> OpenAIChatClient:
+    def from_options(cls, options: ChatEndpointOptions) -> OpenAIChatClient:
         """A client for the judge configuration (the key is read from ``options.api_key_env``)."""
         return cls(
             options.base_url,

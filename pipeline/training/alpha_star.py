@@ -9,6 +9,9 @@ and the trace-induced variance of the mixture is ``Var_r[g_c] = α² Var_r[g_t]`
 ``Ĝ = Σ_k w_k ∇ log π_θ(r_k, y | x)`` (:func:`marginal_gradient`).
 
 Shapes: N examples, K traces per example, D gradient dimensions (a parameter subset or a projection).
+Ĝ may be one estimate per example (``[N, D]``) or one per trace sample (``[N, K, D]``): the gradient probe
+(:mod:`pipeline.training.grad_probe`) passes, for trace sample k, a Ĝ built from the *other* traces, so that
+``⟨Ĝ, g_t⟩`` carries no covariance from a shared trace and the numerator stays unbiased.
 """
 
 from __future__ import annotations
@@ -47,17 +50,33 @@ def marginal_gradient(trace_grads: torch.Tensor, answer_logps: torch.Tensor) -> 
     return weights @ trace_grads
 
 
+def _per_trace(g_hat: torch.Tensor, k: int) -> torch.Tensor:
+    """Ĝ as ``[N, K, D]`` (an ``[N, D]`` estimate is shared by the K trace samples)."""
+    return g_hat if g_hat.dim() == 3 else g_hat.unsqueeze(1).expand(-1, k, -1)
+
+
 def _ratio_terms(
     g_t: torch.Tensor, g_e: torch.Tensor, g_hat: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example ``⟨g_e − Ĝ, g_e − g_t⟩`` and ``‖g_t − g_e‖²`` averaged over traces: ``[N]`` each."""
+    """Per-example ``⟨g_e − Ĝ, g_e − g_t⟩`` and ``‖g_t − g_e‖²`` averaged over traces: ``[N]`` each.
+
+    These are the sample versions of the numerator and denominator of α* (DESIGN.md §1).
+    """
     diff = g_e.unsqueeze(1) - g_t  # [N, K, D]
-    numerator = ((g_e - g_hat).unsqueeze(1) * diff).sum(-1).mean(1)
+    numerator = ((g_e.unsqueeze(1) - _per_trace(g_hat, g_t.shape[1])) * diff).sum(-1).mean(1)
     denominator = diff.pow(2).sum(-1).mean(1)
     return numerator, denominator
 
 
+def trace_variance(grads: torch.Tensor) -> float:
+    """``E_x tr Var_r[g]`` from ``[N, K, D]`` samples (unbiased over the K traces; NaN when K < 2)."""
+    if grads.shape[1] < 2:
+        return float("nan")
+    return float(grads.double().var(dim=1, unbiased=True).sum(-1).mean())
+
+
 def alpha_from_terms(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    """``clip(mean numerator / mean denominator, 0, 1)``: α* of DESIGN.md §1 from per-example terms."""
     den = float(denominator.mean())
     if den <= 0:
         return 1.0  # g_t == g_e: every α gives the same gradient
@@ -69,15 +88,22 @@ def estimate_gradient_stats(
 ) -> GradientStats:
     """α̂* and the bias–variance terms from per-example gradients.
 
+    ``α̂* = clip(E⟨g_e − Ĝ, g_e − g_t⟩ / E‖g_t − g_e‖², 0, 1)`` (DESIGN.md §1, the α* equation), with
+    a percentile-bootstrap interval over examples.
+
     Args:
         g_t: ``[N, K, D]`` trace-based gradients (K sampled traces per example).
         g_e: ``[N, D]`` empty-trace gradients.
-        g_hat: ``[N, D]`` marginal-gradient estimates Ĝ.
+        g_hat: marginal-gradient estimates Ĝ: ``[N, D]``, or ``[N, K, D]`` with one estimate per trace
+            sample (built from the other traces of the example).
         bootstrap: resamples of the N examples for the interval.
     """
-    if g_t.dim() != 3 or g_e.shape != g_hat.shape or g_t.shape[0] != g_e.shape[0]:
+    shared = g_hat.dim() == 2 and g_hat.shape == g_e.shape
+    per_trace = g_hat.dim() == 3 and g_hat.shape == g_t.shape
+    if g_t.dim() != 3 or g_e.dim() != 2 or g_t.shape[0] != g_e.shape[0] or not (shared or per_trace):
         raise ValueError(
-            f"expected g_t [N,K,D], g_e and g_hat [N,D]; got {g_t.shape}, {g_e.shape}, {g_hat.shape}"
+            f"expected g_t [N,K,D], g_e [N,D] and g_hat [N,D] or [N,K,D]; "
+            f"got {tuple(g_t.shape)}, {tuple(g_e.shape)}, {tuple(g_hat.shape)}"
         )
     g_t, g_e, g_hat = g_t.double(), g_e.double(), g_hat.double()
     n, k, _ = g_t.shape
@@ -85,28 +111,35 @@ def estimate_gradient_stats(
     generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(0, n, (bootstrap, n), generator=generator)
     boot = sorted(alpha_from_terms(numerator[idx], denominator[idx]) for idx in draws)
-    trace_variance = float(g_t.var(dim=1, unbiased=True).sum(-1).mean()) if k >= 2 else float("nan")
+    g_hat_k = _per_trace(g_hat, k)
     return GradientStats(
         alpha_star=alpha_from_terms(numerator, denominator),
         ci_low=boot[int(0.025 * (bootstrap - 1))],
         ci_high=boot[int(0.975 * (bootstrap - 1))],
         numerator=float(numerator.mean()),
         denominator=float(denominator.mean()),
-        trace_variance=trace_variance,
-        bias_t=float((g_t - g_hat.unsqueeze(1)).mean((0, 1)).norm()),
-        bias_e=float((g_e - g_hat).mean(0).norm()),
+        trace_variance=trace_variance(g_t),
+        bias_t=float((g_t - g_hat_k).mean((0, 1)).norm()),
+        bias_e=float((g_e.unsqueeze(1) - g_hat_k).mean((0, 1)).norm()),
         n=n,
     )
 
 
 def mixture_mse(alpha: float, g_t: torch.Tensor, g_e: torch.Tensor, g: torch.Tensor) -> float:
-    """Empirical ``E‖α g_t + (1−α) g_e − G‖²`` (g_t ``[N, K, D]``, g_e and G ``[N, D]``)."""
+    """Empirical ``MSE(α) = E‖α g_t + (1−α) g_e − G‖²`` (DESIGN.md §1).
+
+    g_t ``[N, K, D]``, g_e ``[N, D]``, G ``[N, D]`` or ``[N, K, D]`` (per trace sample).
+    """
     mixed = alpha * g_t + (1 - alpha) * g_e.unsqueeze(1)
-    return float((mixed - g.unsqueeze(1)).pow(2).sum(-1).mean())
+    return float((mixed - _per_trace(g, g_t.shape[1])).pow(2).sum(-1).mean())
 
 
 class AlphaController:
-    """``alpha: auto``: an EMA of α̂* kept within configured bounds."""
+    """``alpha: auto``: an EMA of α̂* kept within configured bounds ``[low, high]``.
+
+    ``value ← clip(decay · value + (1 − decay) · α̂*, low, high)`` after each probe; ``initial`` is the
+    value the EMA starts from.
+    """
 
     def __init__(self, initial: float, decay: float = 0.9, low: float = 0.0, high: float = 1.0) -> None:
         if not 0.0 <= low <= high <= 1.0:
@@ -115,5 +148,6 @@ class AlphaController:
         self.value = min(high, max(low, initial))
 
     def update(self, alpha_hat: float) -> float:
+        """Fold one α̂* into the EMA and return the new (clipped) α."""
         self.value = min(self.high, max(self.low, self.decay * self.value + (1 - self.decay) * alpha_hat))
         return self.value

@@ -32,6 +32,9 @@ def main(request_path: str) -> None:
             TrainConfig.model_validate(request["config"]),
             Path(request["output_dir"]),
             trust_remote_code=request["trust_remote_code"],
+            generations=(
+                pq.read_table(request["generations"]).to_pylist() if "generations" in request else None
+            ),
         )
         if dist.get_rank() == 0:
             Path(request["result"]).write_text(
@@ -40,6 +43,7 @@ def main(request_path: str) -> None:
                         "metrics": result.metrics,
                         "weight_delta_l2": result.weight_delta_l2,
                         "resumed_from_step": result.resumed_from_step,
+                        "grad_stats": result.grad_stats,
                     }
                 )
             )

@@ -9,6 +9,7 @@ Checkpoints hold model, optimizer, scheduler, sampler and RNG states, so a resum
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import shutil
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from pipeline.training.loss import BVPOLoss, DPOOutput, PreferenceLogps
 from pipeline.training.modeling import autocast
 from pipeline.training.sampling import PairSampler
 from pipeline.training.sequences import SequenceBatch, TokenizedPair, pairs_batch, sequence_logps
+
+if TYPE_CHECKING:
+    from pipeline.training.grad_probe import GradProbe
 
 METRIC_KEYS = (
     "loss",
@@ -46,6 +50,10 @@ METRIC_KEYS = (
 
 class TrainingDataError(ValueError):
     """The preference data cannot be trained on with this configuration."""
+
+
+class TrainingStateError(ValueError):
+    """A saved training state cannot be resumed by this run (unreadable, or saved by another model/data)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class BVPOTrainer:
         data_e: Sequence[RefPair],
         config: TrainConfig,
         pad_id: int,
+        probe: GradProbe | None = None,
     ) -> None:
         self.config = config
         self.alpha = config.alpha_value
@@ -142,6 +151,11 @@ class BVPOTrainer:
             self.forward = nn.parallel.DistributedDataParallel(self.forward)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
+        if config.alpha == "auto" and probe is None:
+            raise TrainingDataError("alpha: auto needs a gradient probe (pipeline.training.grad_probe)")
+        if probe is not None and self.fsdp:
+            raise ValueError("the gradient probe does not support FSDP (use distributed: ddp)")
+        self.probe = probe  # α̂* and trace-induced variance every probe.every steps (grad_probe.py)
 
     # -- one optimizer step -------------------------------------------------------------------------
 
@@ -162,6 +176,8 @@ class BVPOTrainer:
 
     def train_step(self) -> dict[str, Any]:
         """Accumulate ``grad_accum_steps`` micro-batches, clip, step; return the step's metrics."""
+        if self.probe is not None and self.probe.due(self.step):
+            self.alpha = self.probe.run(self.model, self.step, self.alpha)  # alpha: auto → EMA of α̂*
         started = time.perf_counter()
         self.model.train()
         sums = dict.fromkeys(METRIC_KEYS, 0.0)
@@ -250,6 +266,21 @@ class BVPOTrainer:
             "sampler_e": self.sampler_e.state_dict() if self.sampler_e else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "metrics": self.metrics,
+            "alpha": self.alpha,
+            "probe": self.probe.state_dict() if self.probe is not None else None,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> dict[str, str]:
+        """What a saved state must match to be resumed: the parameters (names, shapes) and the data."""
+
+        def digest(items: Sequence[str]) -> str:
+            return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+        return {
+            "model": digest([f"{n}:{tuple(p.shape)}" for n, p in self.model.named_parameters()]),
+            "data_t": digest([p.tokens.pair_id for p in self.data_t]),
+            "data_e": digest([p.tokens.pair_id for p in self.data_e]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -275,6 +306,10 @@ class BVPOTrainer:
         random.setstate(state["rng"]["python"])
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
+        if self.config.alpha == "auto" and "alpha" in state:
+            self.alpha = float(state["alpha"])
+        if self.probe is not None and state.get("probe"):
+            self.probe.load_state_dict(state["probe"])
 
     def save_state(self, state_dir: Path) -> Path:
         """Write ``state_dir/step-<k>.pt`` atomically (rank 0 only) and drop older states."""
@@ -283,11 +318,15 @@ class BVPOTrainer:
         if self.rank == 0:
             state_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
+            try:
+                torch.save(state, tmp)
+            except BaseException:  # e.g. a full disk: leave no partial file behind
+                tmp.unlink(missing_ok=True)
+                raise
             tmp.rename(path)
-            for old in state_dir.glob("step-*.pt"):
+            for old in state_dir.glob("step-*"):  # older states and .tmp files a killed run left
                 if old != path:
-                    old.unlink()
+                    old.unlink(missing_ok=True)
         return path
 
     def resume_from(self, state_dir: Path) -> bool:
@@ -295,7 +334,24 @@ class BVPOTrainer:
         states = sorted(state_dir.glob("step-*.pt")) if state_dir.is_dir() else []
         if not states:
             return False
-        self.load_state_dict(torch.load(states[-1], weights_only=False))
+        try:
+            state = torch.load(states[-1], weights_only=False)
+        except Exception as exc:
+            raise TrainingStateError(
+                f"training state {states[-1]} cannot be read ({str(exc).splitlines()[0]}); "
+                f"delete it to start over"
+            ) from exc
+        saved, ours = state.get("fingerprint"), self.fingerprint()
+        if saved is not None:  # states of older versions carry none
+            what = {"model": "another model (other parameters)", "data_t": "other D_t pairs",
+                    "data_e": "other D_e pairs"}  # fmt: skip
+            differ = [what[k] for k in ours if saved.get(k) != ours[k]]
+            if differ:
+                raise TrainingStateError(
+                    f"training state {states[-1]} was saved by a run with {' and '.join(differ)}; it "
+                    f"cannot be resumed here (delete {state_dir} to start over)"
+                )
+        self.load_state_dict(state)
         return True
 
     # -- the loop -----------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Checks that fail fast, naming the offending folder or setting, before a stage spends minutes on it.
+
+A model folder without weights or a tokenizer, or a tokenizer whose chat template cannot render the
+configured reasoning modes, would otherwise fail deep inside vLLM after its engine start (or, worse for the
+template, silently produce reasoning-off samples that still think). These checks run on the CPU in
+milliseconds and never load weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ReasoningConfig
+from pipeline.generation.reasoning import TraceFormat
+from pipeline.model_assets import ModelAssetError
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+class TraceFormatError(ValueError):
+    """The tokenizer's chat template cannot render the configured reasoning on/off modes."""
+
+
+def check_model_dir(name_or_path: str) -> None:
+    """Raise :class:`ModelAssetError` when a local model folder lacks its config, weights or tokenizer.
+
+    A name that is not an existing folder and does not look like a local path (``/``, ``./``, ``~``) is
+    taken as a Hugging Face hub id and left to ``from_pretrained``.
+    """
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        if name_or_path.startswith(_LOCAL_PREFIXES):
+            raise ModelAssetError(f"model path {name_or_path} does not exist")
+        return
+    if not folder.is_dir():
+        raise ModelAssetError(f"model path {name_or_path} is a file, not a Hugging Face checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise ModelAssetError(f"model folder {folder} has no config.json (not a Hugging Face checkpoint)")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelAssetError(
+            f"model folder {folder} holds no weights (no *.safetensors or pytorch_model*.bin file)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not next(
+        folder.glob("*.tiktoken"), None
+    ):
+        raise ModelAssetError(
+            f"model folder {folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        )
+
+
+def check_chat_template(tokenizer: Any, reasoning: ReasoningConfig, model: str) -> None:
+    """Raise :class:`TraceFormatError` when ``tokenizer`` cannot render both reasoning modes as configured.
+
+    Every tokenizer needs a chat template. With ``reasoning.control: native`` the template must also write
+    the configured close tag when ``enable_thinking=False`` (the empty trace block); if it ignores the flag
+    or writes other tags, reasoning-off samples would silently be reasoning-on ones.
+    """
+    if getattr(tokenizer, "chat_template", "") is None:
+        raise TraceFormatError(
+            f"the tokenizer of {model} has no chat template (tokenizer.chat_template is not set): "
+            "use a chat/instruct model, or add a chat_template to its tokenizer_config.json"
+        )
+    if reasoning.control != "native":
+        return
+    fmt = TraceFormat(reasoning)
+    probe = "bvpo template probe"
+    on = fmt.render_prompt(tokenizer, probe, "trace")
+    off = fmt.render_prompt(tokenizer, probe, "empty")
+    if on == off:
+        raise TraceFormatError(
+            f"generation.reasoning.control is 'native' but the chat template of {model} ignores "
+            "enable_thinking (both modes render the same prompt): use reasoning.control 'prefill'"
+        )
+    tail = off[off.rfind(probe) + len(probe) :]
+    if reasoning.close_tag not in tail:
+        raise TraceFormatError(
+            f"generation.reasoning.control is 'native' but the chat template of {model} never writes "
+            f"reasoning.close_tag {reasoning.close_tag!r} when enable_thinking=False: set "
+            "reasoning.open_tag/close_tag to the template's tags, or use reasoning.control 'prefill'"
+        )
