@@ -39,7 +39,7 @@ def _text(rng: random.Random, words: int) -> str:
 def make_data(
     tokenizer: Any, prompts: int, samples: int, trace_tokens: int, answer_tokens: int
 ) -> dict[str, Any]:
-    """Generations (both modes, ``samples`` per prompt) and best/worst pairs per mode, as the pipeline stores."""
+    """Generations (both modes, ``samples`` per prompt) and a pair per prompt and mode, as stored."""
     from pipeline.prompts.builtin import build_builtin_prompts
 
     rng = random.Random(0)
@@ -136,7 +136,7 @@ def main() -> None:
         "steps_timed": args.steps * args.rounds,
         "probe_every": probe_settings.every,
         "probes_timed": len(timed_rows),
-        "probe_set": f"{probe_rows[0]['n_prompts']} prompts x {probe_rows[0]['pairs_per_prompt']} trace pairs",
+        "probe_set": f"{probe_rows[0]['n_prompts']} prompts x {probe_rows[0]['pairs_per_prompt']} pairs",
         "dim": probe_rows[0]["dim"],
         "tokens_per_step": tokens,
         "s_per_step_without": elapsed["A"] / (args.steps * args.rounds),

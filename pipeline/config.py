@@ -38,7 +38,7 @@ class PromptsConfig(_Section):
     source: str = Field(
         "builtin",
         description="'builtin' (generated, checkable prompts), a .jsonl/.parquet/.csv file with a "
-        "'prompt' column, or 'hf:<dataset id or local folder>[:<split>]' for a Hugging Face dataset "
+        "'prompt' column, or `hf:DATASET[:SPLIT]` (a hub id or a local folder) for a Hugging Face dataset "
         "(a folder written by Dataset.save_to_disk works too).",
     )
     num_prompts: int = Field(64, ge=1, le=1_000_000, description="Prompts to take (train and eval together).")

@@ -1,15 +1,18 @@
 """Run one pipeline stage and stop at a chosen crash point, to be SIGKILLed there by the test.
 
-``python -m tests.crash_driver <request.json>``: the request names the stage, the config, its input
-datasets, the crash point ``kill_at`` (1-based; 0: none) and a flag file. Crash points are the calls after
-(or before) which losing the process could hurt: every Parquet part written, a dataset renamed into place,
-the registration transaction before its COMMIT and after it, a generation shard sampled and written, a
-stage's result computed but not registered, each training step, each training state written (before and
-after its rename) and the final checkpoint saved. On reaching ``kill_at`` the driver writes the flag file
-and sleeps; the test kills it with SIGKILL, as a crashed machine would.
+``python -m tests.crash_driver <request.json>`` runs one request; ``python -m tests.crash_driver --serve``
+imports everything once and forks one child per request path read from stdin (what the fast tests use:
+a forked child starts in milliseconds instead of seconds). A request names the stage, the config, its
+input datasets, the crash point ``kill_at`` (1-based; 0: none), a flag file, and whether to replace vLLM
+with the scripted in-process engine (``fake_engine``, default true).
 
-The same points are counted in the test process on an uninterrupted run (:func:`install_points`), so the
-kill point can be drawn from all of them with a seeded random generator.
+Crash points are the calls after (or before) which losing the process could hurt: every Parquet part
+written, a dataset renamed into place, the registration transaction before its COMMIT and after it, a
+generation shard sampled and written, a stage's result computed but not registered, each training step,
+each training state written (before and after its rename) and the final checkpoint saved. On reaching
+``kill_at`` the driver writes the flag file and sleeps; the test kills it with SIGKILL, as a crashed
+machine would. The same points are counted in the test process on an uninterrupted run
+(:func:`install_points`), so kill points can be drawn from all of them with a seeded random generator.
 """
 
 from __future__ import annotations
@@ -129,6 +132,10 @@ def serve() -> None:
     import threading
 
     import torch
+
+    # transformers imports its model and tokenizer classes lazily, on first use: do it here, once.
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
     import pipeline.training.run  # noqa: F401  (import once here, not in every child)
     import tasks.stages  # noqa: F401

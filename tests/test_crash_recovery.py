@@ -1,15 +1,16 @@
 """SIGKILL during generate, score, pair, train and eval, at seeded random points; the rerun matches an
 uninterrupted run (registered datasets, row counts, contents, training metrics and weights).
 
-Fast cases (not e2e): each stage runs in a child process (``tests/crash_driver.py``) on small inputs, the
-tiny random Llama for model work and a scripted in-process engine instead of vLLM. The kill point is drawn
-with a seeded generator from every crash point an uninterrupted run passes (Parquet parts, publish, the
-registration transaction before and after COMMIT, shards, scoring, pairing, training steps and states, the
-checkpoint). Right after the kill, every registered dataset must read back whole; the rerun (in this
-process) must then equal the uninterrupted run.
+Fast cases (not e2e): each stage runs in a child process forked by ``tests/crash_driver.py --serve`` on
+small inputs, with the tiny random Llama for model work and a scripted in-process engine instead of vLLM.
+Three kill points per stage are drawn with a seeded generator from every crash point an uninterrupted run
+passes (Parquet parts, publish, the registration transaction before and after COMMIT, shards, scoring,
+pairing, training steps and states, the checkpoint); each resumed run is killed again at the next point
+(or finishes first). After every kill, each registered dataset must read back whole and be one the
+uninterrupted run registered; the final rerun (in this process) must equal the uninterrupted run.
 
-e2e cases: the same for generation and evaluation through real vLLM on the embedded SmolLM2, killing the
-stage's process and its vLLM engine processes together, as a machine crash would.
+e2e cases: generation and evaluation through real vLLM on the embedded SmolLM2, the stage's process and
+its vLLM engine processes killed together (as a machine crash would), then rerun.
 """
 
 from __future__ import annotations
@@ -125,17 +126,22 @@ class CrashServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
-            text=True,
         )
+        self._buffer = b""
 
     def _line(self, timeout_s: float) -> str | None:
+        """The server's next line, or None when none is complete within ``timeout_s``."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        assert line, f"the crash server died: {Path(self.log.name).read_text()}"
-        return line.strip()
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:  # raw reads: two lines may arrive in one chunk
+            ready, _, _ = select.select([fd], [], [], timeout_s)
+            if not ready:
+                return None
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the crash server died: {Path(self.log.name).read_text()}"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode().strip()
 
     def run(self, config: PipelineConfig, stage: str, inputs: dict[str, Any], point: int, tmp: Path) -> Any:
         """Run ``stage`` in a forked child; SIGKILL it at crash point ``point``.
@@ -157,7 +163,7 @@ class CrashServer:
             )
         )
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{request}\n")
+        self.proc.stdin.write(f"{request}\n".encode())
         self.proc.stdin.flush()
         started = self._line(60)
         assert started and started.startswith("pid "), started
@@ -285,11 +291,11 @@ def _real_config(tmp_path: Path) -> PipelineConfig:
     return PipelineConfig.model_validate(
         {
             "workspace": str(tmp_path / "ws"),
-            "prompts": {"num_prompts": 7, "eval_fraction": 0.3, "seed": 3},
+            "prompts": {"num_prompts": 4, "eval_fraction": 0.3, "seed": 3},  # 3 train prompts, 1 eval
             "generation": {
                 "samples_per_prompt": 2,
-                "max_trace_tokens": 12,
-                "max_answer_tokens": 16,
+                "max_trace_tokens": 8,
+                "max_answer_tokens": 12,
                 "max_model_len": 512,
                 "shard_size": 1,
                 "seed": 11,
@@ -365,16 +371,20 @@ def test_e2e_generate_killed_mid_run_with_its_engine_then_the_rerun_completes_it
     shard_dir = config.workspace / "staging" / "generations"
     point = random.Random(f"{SEED}:e2e-generate").randint(1, len(train) - 1)  # shards finished at the kill
 
+    started = time.monotonic()
     driver = _start_driver(config, "generate", {"prompts": prompts}, tmp_path)
     _wait_for(lambda: len(list(shard_dir.glob("*/shard-*.parquet"))) >= point, driver, tmp_path, "the shards")
     _kill_everything(driver)
+    print(f"generate: the killed run took {time.monotonic() - started:.0f} s")
     kept = {p.name: pq.read_table(p).to_pylist() for p in shard_dir.glob("*/shard-*.parquet")}
     print(f"generate: killed with {len(kept)} of {len(train)} shards finished (waited for {point})")
     assert point <= len(kept) < len(train)
     assert not list(shard_dir.glob("*/.*.tmp"))  # no half-written shard
     assert [name for name, _, _ in _readable(config.workspace)] == ["prompts__v1"]
 
+    started = time.monotonic()
     generations = stages.generate_task.fn(config, prompts)  # the rerun, on a fresh engine
+    print(f"generate: the rerun took {time.monotonic() - started:.0f} s")
     rows = DatasetStore(config.workspace).read_rows(generations)
     assert generations.row_count == len(train) * 2 * config.generation.samples_per_prompt
     assert len({r["generation_id"] for r in rows}) == len(rows)
@@ -403,21 +413,19 @@ def test_e2e_evaluate_killed_with_its_engine_then_the_rerun_completes_it(tmp_pat
     n_eval = sum(p["split"] == "eval" for p in store.read_rows(prompts))
     assert n_eval >= 1
     checkpoint = str(embedded_checkpoint())  # evaluated as the "trained" model: a second engine run
-    phase = random.Random(f"{SEED}:e2e-eval").choice(["reference", "trained"])
 
     inputs = {"prompts": prompts, "checkpoint": checkpoint, "train_metrics": prompts}
     driver = _start_driver(config, "eval", inputs, tmp_path)
-
-    def engine_running_for_phase() -> bool:
-        registered = [n for n, _, _ in catalog_rows(config.workspace) if n.startswith("eval_generations")]
-        return bool(_engine_children(driver)) and len(registered) == (phase == "trained")
-
-    _wait_for(engine_running_for_phase, driver, tmp_path, f"the {phase} model's engine")
-    time.sleep(random.Random(f"{SEED}:e2e-eval-delay").uniform(0.0, 3.0))
+    # Killed while the reference model's engine starts or samples (the kill points after that are covered
+    # without vLLM above); each engine start costs about 30 s, so the rerun's two are the budget.
+    _wait_for(lambda: bool(_engine_children(driver)), driver, tmp_path, "the reference model's engine")
+    delay = random.Random(f"{SEED}:e2e-eval").uniform(0.0, 20.0)
+    time.sleep(delay)
+    assert driver.poll() is None
     _kill_everything(driver)
     registered = [n for n, _, _ in _readable(config.workspace) if not n.startswith("rejects")]
-    print(f"evaluate: killed while the {phase} model generated; registered {registered}")
-    assert registered == ["prompts__v1"] + (["eval_generations__v1"] if phase == "trained" else [])
+    print(f"evaluate: killed {delay:.1f} s after its first engine process started; registered {registered}")
+    assert registered in (["prompts__v1"], ["prompts__v1", "eval_generations__v1"])  # (a fast machine)
 
     results = stages.evaluate_task.fn(config, prompts, checkpoint, prompts)  # the rerun
     rows = store.read_rows(results)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pipeline.config import load_config
 from storage import DatasetStore, run_readonly_query
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pipeline.model_assets import embedded_checkpoint
 from pipeline.training.reference import compute_reference_logps
 from pipeline.training.run import train_bvpo
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 QUESTIONS = [
     ("What is 7 + 5?", "7 + 5 = 12.", "7 + 5 = 75."),

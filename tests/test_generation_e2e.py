@@ -29,7 +29,7 @@ from pipeline.generation.stage import GenerateStageResult, run_generate_stage
 from pipeline.model_assets import embedded_checkpoint
 from pipeline.prompts.builtin import build_builtin_prompts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 TRACE_BUDGET = 6
 CONFIG = GenerationConfig(

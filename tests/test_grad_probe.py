@@ -133,6 +133,44 @@ def test_head_gradients_equal_autograd_exactly_and_their_sketch_is_the_projected
     assert torch.allclose(projected.grads, by_hand, atol=1e-9)
 
 
+def test_lora_gradients_are_the_autograd_gradients_of_the_adapters() -> None:
+    """With LoRA on, ``params: auto`` probes the adapters: per-sequence autograd, exact below D weights."""
+    from pipeline.config import LoraSettings
+    from pipeline.training.grad_probe import _backend, resolve_params
+    from pipeline.training.run import apply_training_options
+
+    config = _config(lora=LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    model = apply_training_options(_peaked(0), config)
+    with torch.no_grad():  # B = 0 at initialization; give the adapters weights so every gradient is non-zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(7))
+    assert resolve_params(model, config.probe) == "lora"
+    assert resolve_params(_peaked(0), config.probe) == "head"
+    (example,) = _examples(model, 1, 4, seed=3, length=2)
+    backend = _backend(model, config.probe)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert isinstance(backend, _ParamGradients) and backend.dim == sum(p.numel() for p in adapters)
+    stats = backend.stats(model, example.sequences(), 0, False, with_grads=True)
+    for row, (prompt, block, answer) in enumerate(example.sequences()):
+        logp = _autograd_logps(model, [(prompt, block + answer)])[0]
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(logp, adapters)])
+        assert torch.allclose(stats.grads[row], expected, atol=1e-10)  # type: ignore[index]
+        assert float(stats.total[row]) == pytest.approx(float(logp), abs=1e-10)
+    # Above D weights, a count sketch: unbiased, so ‖S g‖² averages to ‖g‖² over seeds.
+    g = stats.grads[0]  # type: ignore[index]
+    norms = []
+    for seed in range(200):
+        sketch = _ParamGradients("lora", adapters, dim=16, seed=seed)
+        offsets = [0, *itertools.accumulate(p.numel() for p in adapters)]
+        parts = [g[a:b].view_as(p) for a, b, p in zip(offsets, offsets[1:], adapters, strict=False)]
+        norms.append(float(sketch._project(parts).pow(2).sum()))
+    spread = torch.tensor(norms)
+    assert float(spread.mean()) == pytest.approx(
+        float(g.pow(2).sum()), abs=4 * float(spread.std()) / math.sqrt(200)
+    )
+
+
 def test_random_projections_preserve_the_probe_quantities_in_expectation() -> None:
     """E[SᵀS] = I: averaged over projection seeds, the sketched α* terms equal the exact ones."""
     model = _peaked(0)
@@ -659,3 +697,50 @@ def test_train_flow_registers_grad_stats_and_publishes_its_plot(tiny_run: Any, t
     assert [m["alpha"] for m in metrics] == [rows[0]["alpha"]] * 2 + [rows[1]["alpha"]]
     assert {"grad-stats", "grad-stats-plot"} <= keys
     assert (workspace / "reports" / f"{out.grad_stats.name}-{out.grad_stats.version}.png").is_file()
+
+
+# -- the embedded SmolLM2-135M (e2e) ----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> None:
+    """The default probe (LM head, D = 4096 Kronecker sketch) on SmolLM2-135M: finite values, the α² law, and
+    an α̂* that does not hinge on the projection (two projection seeds agree within 0.1, same four prompts)."""
+    from pipeline.model_assets import embedded_checkpoint
+    from pipeline.training.grad_probe import build_probe
+    from pipeline.training.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(embedded_checkpoint()), False)
+    rng = random.Random(0)
+    questions = ["What is 7 + 5?", "Name a primary color.", "What is 9 times 3?", "Greet me in lowercase."]
+    gens, pairs = [], []
+    for i, question in enumerate(questions):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        for mode in ("trace", "empty"):
+            for k in range(4):
+                steps = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 30)))
+                block = f"<think>\n{steps}\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
+                answer = f"The answer is {rng.randint(0, 30)}."
+                gens.append(
+                    _gen(f"q{i}", mode, k, None, answer)
+                    | {"prompt_text": prompt, "response_text": block + answer}
+                )
+        pairs.append(
+            _pair(f"q{i}") | {"prompt_text": prompt, "chosen_answer": "It is 12.", "rejected_answer": "No."}
+        )
+    rows = []
+    for seed in (0, 1):
+        config = TrainConfig(alpha=0.5, probe=ProbeConfig(seed=seed, bootstrap=200))
+        probe = build_probe(model, tokenizer, pairs, gens, config)
+        rows.append(probe.analyze(model, alpha=0.5))
+    for row in rows:
+        assert row["params"] == "head" and row["dim"] == 4096 and row["n_prompts"] == 4
+        assert math.isfinite(row["alpha_hat"]) and 0.0 <= row["alpha_hat"] <= 1.0
+        assert row["trace_var_t"] > 0 and row["trace_var_c"] == pytest.approx(
+            0.25 * row["trace_var_t"], rel=1e-9
+        )
+        assert row["ci_low"] <= row["alpha_hat"] <= row["ci_high"]
+    assert abs(rows[0]["alpha_hat"] - rows[1]["alpha_hat"]) < 0.1

@@ -33,7 +33,7 @@ from pipeline.config import PipelineConfig, load_config
 from storage import DatasetStore
 from tasks.orchestration import GPU_TAG
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BVPO = str(Path(sys.executable).with_name("bvpo"))

@@ -10,6 +10,9 @@ Screenshots of every step (and of a failing step, with the page's HTML) go to te
 (`BVPO_UI_ARTIFACTS` to move them), with the log of `bvpo serve`. Chromium is Debian's package
 (/usr/bin/chromium, `BVPO_CHROMIUM` to change; `playwright install` is never used). Without Chromium or
 Playwright the test fails; `BVPO_SKIP_BROWSER=1` skips it on request.
+
+A second, fast test (no browser) pins the bug this test found: `bvpo serve` registering its deployments on a
+temporary Prefect server instead of the local server it had started.
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from typing import Any
 
 import httpx
 import pytest
-
-pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BVPO = str(Path(sys.executable).with_name("bvpo"))
@@ -80,6 +81,7 @@ class Served:
             "PREFECT_HOME": str(tmp / "prefect-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # pick up the UI's run within 2 s (default 10)
+            "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",  # log the errors the API answers with 503
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
@@ -201,10 +203,39 @@ def _bvpo_sql(workspace: Path, query: str) -> list[dict[str, Any]]:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.browser
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_data_refresh_custom_run_from_the_ui(tmp_path: Path) -> None:
     _require_browser()  # before anything starts: skip on request, fail if the browser is missing
     with _serving(tmp_path) as served:
         _ui_workflow(served)
+
+
+def test_serve_points_prefect_at_the_local_server_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bvpo serve` without PREFECT_API_URL imports Prefect (validating its options) before it starts its
+    local server; Prefect must then use that server, not a temporary one of its own (which the UI never
+    sees). Fast: the server process and its health check are faked."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL
+
+    import flows.cli as cli
+    import flows.deployments  # noqa: F401  (Prefect is imported and has read its settings)
+
+    class FakeServer:
+        returncode = None
+
+        def poll(self) -> None:
+            return None
+
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *args, **kwargs: FakeServer())
+    monkeypatch.setattr(httpx, "get", lambda *args, **kwargs: httpx.Response(200))
+    try:
+        cli._start_local_server("127.0.0.1", 4999)
+        assert PREFECT_API_URL.value() == "http://127.0.0.1:4999/api"
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        refresh_global_settings_context()
 
 
 def _ui_workflow(served: Served) -> None:
@@ -250,6 +281,7 @@ def _ui_workflow(served: Served) -> None:
                     page.reload()
                 row = page.locator("tr", has=link)
                 expect_text(row, "03:00 AM every day")  # the served cron 0 3 * * * (UTC)
+                expect_text(row, "data_refresh")  # its flow (loaded after the deployments)
                 steps.shot("deployments")
 
             with steps.step(f"open the '{DATA_REFRESH}' deployment"):
@@ -276,10 +308,16 @@ def _ui_workflow(served: Served) -> None:
                 steps.shot("custom-run-form")
 
             with steps.step("submit the custom run and open it"):
-                with page.expect_response(
-                    lambda r: r.request.method == "POST" and r.url.endswith("/create_flow_run")
-                ) as created:
-                    page.get_by_role("button", name="Submit", exact=True).click()
+                for _attempt in range(3):
+                    with page.expect_response(
+                        lambda r: r.request.method == "POST" and r.url.endswith("/create_flow_run")
+                    ) as created:
+                        page.get_by_role("button", name="Submit", exact=True).click()
+                    if created.value.status != 503:
+                        break
+                    # 503: the server's SQLite database was busy ("retryable": Prefect's Python client
+                    # retries those). The UI says "Something went wrong" and keeps the form: submit again.
+                    page.wait_for_timeout(5000)
                 assert created.value.ok, f"HTTP {created.value.status}: {created.value.text()}"
                 run_id = str(created.value.json()["id"])
                 # The UI shows its "scheduled to start now" toast twice, one over the other: click the top.

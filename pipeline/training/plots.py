@@ -33,8 +33,11 @@ def plot_training_curves(metrics: Sequence[dict[str, Any]], path: Path, title: s
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    alpha = metrics[0]["alpha"] if metrics else float("nan")
-    fig.suptitle(f"{title} (α = {alpha:g})")
+    alphas = [m["alpha"] for m in metrics]
+    if len(set(alphas)) > 1:  # alpha: auto (the gradient probe's α̂*, see grad_stats)
+        fig.suptitle(f"{title} (α auto: {alphas[0]:.3g} → {alphas[-1]:.3g})")
+    else:
+        fig.suptitle(f"{title} (α = {alphas[0] if alphas else float('nan'):g})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
