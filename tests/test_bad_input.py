@@ -515,8 +515,9 @@ def test_alpha_outside_0_1_and_beta_not_positive_are_refused_by_the_cli(
 
 def test_alpha_and_beta_are_checked_in_code_too() -> None:
     for bad in ({"alpha": 1.01}, {"alpha": -1}, {"beta": 0.0}, {"alpha": "dpo"}):
-        with pytest.raises(ValidationError):
+        with pytest.raises(ValidationError) as info:
             TrainConfig.model_validate(bad)
+        assert {error["loc"][0] for error in info.value.errors()} == set(bad)  # the field is named
 
 
 @pytest.mark.parametrize(
@@ -617,8 +618,10 @@ def test_a_corrupt_training_state_is_named(tmp_path: Path, tiny: Path) -> None:
     train_bvpo(str(tiny), *_train_rows(), config, output)
     (state,) = state_dir_for(output).iterdir()
     state.write_bytes(state.read_bytes()[:100])
+    weights = (output / "model.safetensors").read_bytes()
     with pytest.raises(TrainingStateError, match=f"training state {state} cannot be read .*delete it"):
         train_bvpo(str(tiny), *_train_rows(), TrainConfig(**{**config.model_dump(), "max_steps": 2}), output)
+    assert len(state.read_bytes()) == 100 and (output / "model.safetensors").read_bytes() == weights
 
 
 # --- storage: corrupt Parquet, a full disk, schema violations ----------------------------------------------

@@ -107,3 +107,18 @@ class BVPOLoss(nn.Module):
         if out_e is not None and alpha < 1:
             loss = loss.to(out_e.losses) + (1.0 - alpha) * out_e.losses.mean()
         return BVPOOutput(loss=loss, trace=out_t, empty=out_e)
+
+    def term(self, batch: PreferenceLogps, mode: str, alpha: float) -> tuple[torch.Tensor, DPOOutput]:
+        """One mode's term of L_BVPO: ``α·L_t`` (``mode="trace"``) or ``(1−α)·L_e`` (``"empty"``).
+
+        ``term(t) + term(e)`` equals :meth:`forward`'s loss, so a trainer may backpropagate the two terms
+        one after the other and hold only one mode's activations at a time.
+
+        Returns:
+            the weighted scalar term and the mode's DPO outputs.
+        """
+        if mode not in ("trace", "empty"):
+            raise ValueError(f"mode must be 'trace' or 'empty', got {mode!r}")
+        out = self.dpo(batch)
+        weight = alpha if mode == "trace" else 1.0 - alpha
+        return weight * out.losses.mean(), out

@@ -190,23 +190,32 @@ class BVPOTrainer:
             seq_t = pairs_batch([p.tokens for p in batch_t], self.pad_id) if batch_t else None
             seq_e = pairs_batch([p.tokens for p in batch_e], self.pad_id) if batch_e else None
             tokens += (seq_t.num_tokens if seq_t else 0) + (seq_e.num_tokens if seq_e else 0)
-            sync = self.world_size == 1 or micro == accum - 1
-            if self.fsdp:
-                self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
-                context = _null()
-            else:
-                context = self.forward.no_sync() if not sync else _null()  # type: ignore[operator]
-            with context:
-                with autocast(self.config.bf16):
-                    logps_t, logps_e = self.forward(seq_t, seq_e)
-                    out = self.loss_fn(
-                        self._prefs(logps_t, batch_t), self._prefs(logps_e, batch_e), self.alpha
-                    )
-                (out.loss / accum).backward()
+            # One forward + backward per mode: the gradient of α·L_t + (1−α)·L_e is the sum of the two
+            # terms' gradients, and only one mode's activations are alive at a time (lower peak memory).
+            passes = [(m, s, b) for m, s, b in (("trace", seq_t, batch_t), ("empty", seq_e, batch_e)) if s]
+            loss_value = 0.0
+            outs: dict[str, DPOOutput] = {}
+            for index, (mode, seq, batch) in enumerate(passes):
+                sync = self.world_size == 1 or (micro == accum - 1 and index == len(passes) - 1)
+                if self.fsdp:
+                    self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+                    context = _null()
+                else:
+                    context = self.forward.no_sync() if not sync else _null()  # type: ignore[operator]
+                with context:
+                    with autocast(self.config.bf16):
+                        logps_t, logps_e = self.forward(
+                            seq if mode == "trace" else None, seq if mode == "empty" else None
+                        )
+                        prefs = self._prefs(logps_t if mode == "trace" else logps_e, batch)
+                        assert prefs is not None
+                        term, outs[mode] = self.loss_fn.term(prefs, mode, self.alpha)
+                    (term / accum).backward()
+                loss_value += float(term.detach())
             for key, value in {
-                "loss": float(out.loss.detach()),
-                **_mode(out.trace, "t"),
-                **_mode(out.empty, "e"),
+                "loss": loss_value,
+                **_mode(outs.get("trace"), "t"),
+                **_mode(outs.get("empty"), "e"),
             }.items():
                 if value is not None:
                     sums[key] += value
