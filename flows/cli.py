@@ -853,7 +853,8 @@ def analyze_variance(
 
     Runs the gradient probe once (train.probe.* sets its size): per-example gradients of ℓ_t over stored
     reasoning-on traces, of ℓ_e, and the marginal-gradient estimate Ĝ, then prints α̂* with its bootstrap
-    interval, tr Var_r[g_t], tr Var_r[g_c], E‖g_t − g_e‖², E⟨g_e − Ĝ, g_e − g_t⟩ and the biases.
+    interval, the trace-induced variances tr Var_r(g_t) and tr Var_r(g_c), E‖g_t − g_e‖²,
+    E⟨g_e − Ĝ, g_e − g_t⟩ and the biases.
 
     Examples:
       bvpo analyze-variance

@@ -25,8 +25,9 @@ class ModelAssetError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """Directory for converted checkpoints: ``$BVPO_CACHE_DIR`` or ``~/.cache/bvpo``."""
-    return Path(os.environ.get("BVPO_CACHE_DIR", Path.home() / ".cache" / "bvpo")).expanduser()
+    """Where converted checkpoints go: ``$BVPO_CACHE_DIR`` if set and not empty, else ``~/.cache/bvpo``."""
+    configured = os.environ.get("BVPO_CACHE_DIR", "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "bvpo"
 
 
 def find_embedded_gguf() -> Path:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tasks.stages  # noqa: F401  (Prefect sets up its log handlers on import: before any CliRunner swaps stderr)
 from pipeline.config import ProbeConfig, TrainConfig
 from pipeline.training.alpha_star import estimate_gradient_stats, trace_variance
 from pipeline.training.grad_probe import (
@@ -115,10 +116,17 @@ def _grad(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
 
 def test_head_gradients_equal_autograd_exactly_and_their_sketch_is_the_projected_gradient() -> None:
     model = _peaked(0)
-    (example,) = _examples(model, 1, 4, seed=3, length=2)
+    (base,) = _examples(model, 1, 4, seed=3, length=2)
+    # Ragged prefixes and answers: the shared-prefix KV-cache path pads both.
+    blocks = [[5], [7, 8, 9], [], [11, 12, 13, 14, 15, 16]]
+    example = ProbeExample(
+        "x", base.trace_prompt_ids, blocks, [3, 4], [9, 9, 9], [21, 22], [23, 24, 25, 26, 27]
+    )
     seqs = example.sequences()
     exact = _HeadGradients(model, dim=10**9).stats(model, seqs, 0, bf16=False, with_grads=True)
-    expected = torch.stack([_grad(_autograd_logps(model, [(p, b + a)])[0], model) for p, b, a in seqs])
+    full = [_autograd_logps(model, [(p, b + a)])[0] for p, b, a in seqs]  # one unpadded sequence each
+    expected = torch.stack([_grad(logp, model) for logp in full])
+    assert torch.allclose(exact.total, torch.stack(full).detach(), atol=1e-10)
     assert exact.grads is not None and exact.grads.shape == (len(seqs), VOCAB * 16)
     assert torch.allclose(exact.grads, expected, atol=1e-10)
     answers = _autograd_logps(model, [(p + b, a) for p, b, a in seqs])
@@ -156,7 +164,7 @@ def test_lora_gradients_are_the_autograd_gradients_of_the_adapters() -> None:
         logp = _autograd_logps(model, [(prompt, block + answer)])[0]
         expected = torch.cat([g.flatten() for g in torch.autograd.grad(logp, adapters)])
         assert torch.allclose(stats.grads[row], expected, atol=1e-10)  # type: ignore[index]
-        assert float(stats.total[row]) == pytest.approx(float(logp), abs=1e-10)
+        assert float(stats.total[row]) == pytest.approx(float(logp.detach()), abs=1e-10)
     # Above D weights, a count sketch: unbiased, so ‖S g‖² averages to ‖g‖² over seeds.
     g = stats.grads[0]  # type: ignore[index]
     norms = []
@@ -649,7 +657,7 @@ def test_train_bvpo_with_alpha_auto_returns_probe_rows(tiny_run: Any, tmp_path: 
 def test_analyze_variance_cli_prints_the_table(tiny_run: Any) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli import analyze_variance, app
 
     workspace, model_dir, _ = tiny_run
     runner = CliRunner()
@@ -664,6 +672,11 @@ def test_analyze_variance_cli_prints_the_table(tiny_run: Any) -> None:
     assert "α̂*" in table.stdout and "tr Var_r[g_c]" in table.stdout and "2 prompts" in table.stdout
     bad = runner.invoke(app, [*base, "--pairs", "pairs_empty"])
     assert bad.exit_code == 1 and "not pairs_trace" in bad.output
+    shown = runner.invoke(app, ["analyze-variance", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert "tr Var_r(g_c)" in shown.output  # nothing eaten by rich markup
+    examples = [line.strip() for line in (analyze_variance.__doc__ or "").splitlines() if "bvpo " in line]
+    assert shown.exit_code == 0 and len(examples) >= 3
+    assert all(example in shown.output for example in examples)
 
 
 def test_train_flow_registers_grad_stats_and_publishes_its_plot(tiny_run: Any, tmp_path: Path) -> None:

@@ -35,15 +35,20 @@ and cost tens of seconds to start). The price: the traces come from π_ref, not 
 importance weights above correct for (exactly in expectation; the self-normalized estimate has O(1/M) bias).
 
 **Which gradient.** ``params``: ``head`` (default without LoRA) is the LM-head weight ``W``; its per-sequence
-gradient has the closed form ``Σ_t (e_{y_t} − p_t) h_tᵀ``, so the probe needs only forward passes. ``lora``
-(default with LoRA) and ``all`` take per-sequence autograd gradients of the LoRA adapters / every trainable
-weight. When the subset has more than ``projection_dim`` = D weights (default 4096) the gradients pass through
-a seeded random projection S with ``E[SᵀS] = I``, which preserves every inner product and squared norm above
-in expectation: for the head a Kronecker Gaussian sketch ``P_V G P_Hᵀ`` (``P_V``: (D/d_h) × V,
+gradient has the closed form ``Σ_t (e_{y_t} − p_t) h_tᵀ``, so the probe needs only forward passes, and each
+prompt + trace prefix runs once (a KV cache serves both answers; the prefix's share of the log-prob and of the
+gradient is added to each answer's). Its logits follow the training's autocast (bf16 when ``train.bf16``).
+``lora`` (default with LoRA) and ``all`` take per-sequence autograd gradients of the LoRA adapters / every
+trainable weight. When the subset has more than ``projection_dim`` = D weights (default 4096) the gradients
+pass through a seeded random projection S with ``E[SᵀS] = I``, which preserves every inner product and squared
+norm above in expectation: for the head a Kronecker Gaussian sketch ``P_V G P_Hᵀ`` (``P_V``: (D/d_h) × V,
 ``P_H``: d_h × H, d_h = min(H, 64), entries N(0, 1/rows)), computed from ``(P_V (e_y − p)) (P_H h)ᵀ`` without
 forming the V × H gradient; for other subsets a count sketch (each weight added with a random sign to one of D
 buckets). With a tied LM head (input and output embeddings shared) ``head`` is the output-projection part of
 that gradient.
+
+**Cost** (``bench/bench_probe.py``, SmolLM2-135M on 2 CPU cores, default TrainConfig and probe): one probe
+takes about as long as 1.1 training steps, so probing every 10 steps adds about 10% wall time.
 """
 
 from __future__ import annotations
@@ -223,7 +228,8 @@ def _response_hidden(
 
 
 def _head_dtype(head: nn.Module) -> torch.dtype:
-    """Head math runs in float32 (float64 for a float64 model), whatever the decoder's autocast dtype."""
+    """Softmax and gradient sketches run in float32 (float64 for a float64 model); the logits' matmul follows
+    the training's autocast (bf16 when ``train.bf16``)."""
     return torch.float64 if head.weight.dtype == torch.float64 else torch.float32
 
 
@@ -253,6 +259,59 @@ class _HeadGradients:
             self.p_h = (torch.randn(cols, hidden, generator=gen) / math.sqrt(cols)).to(device)
             self.dim = rows * cols
 
+    def _segments(
+        self,
+        states: torch.Tensor,
+        targets: torch.Tensor,
+        segment: torch.Tensor,
+        count: int,
+        head: nn.Module,
+        bf16: bool,
+        with_grads: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed log-probs ``[S]`` of the targets of each segment and the (sketched) gradients ``[S, D]``.
+
+        ``states`` ``[T, H]`` predict ``targets`` ``[T]``; ``segment`` ``[T]`` says which of the ``count``
+        segments each position belongs to. The head runs in chunks of positions, its weight cast once (bf16
+        as in training when ``bf16``); softmax and sketches run in float32 (float64 for a float64 model).
+        """
+        dtype = _head_dtype(head)
+        low = bf16 and dtype != torch.float64
+        head_weight: torch.Tensor = head.weight  # type: ignore[assignment]
+        weight = head_weight.detach().to(torch.bfloat16 if low else dtype)
+        bias = getattr(head, "bias", None)
+        bias = None if bias is None else bias.detach().to(weight.dtype)
+        p_v = None if self.p_v is None else self.p_v.to(dtype)
+        p_h = None if self.p_h is None else self.p_h.to(dtype)
+        device = weight.device
+        logps = torch.zeros(count, dtype=dtype, device=device)
+        grads = torch.zeros(count, self.dim, dtype=dtype, device=device) if with_grads else None
+        left: list[torch.Tensor] = []
+        right: list[torch.Tensor] = []
+        for start in range(0, states.shape[0], HEAD_CHUNK):
+            h = states[start : start + HEAD_CHUNK].to(dtype)
+            y = targets[start : start + HEAD_CHUNK]
+            seg = segment[start : start + HEAD_CHUNK]
+            logp = F.linear(h.to(weight.dtype), weight, bias).to(dtype).log_softmax(-1)
+            logps.index_add_(0, seg, logp.gather(1, y.unsqueeze(1)).squeeze(1))
+            if grads is None:
+                continue
+            probs = logp.exp()
+            if p_v is None or p_h is None:  # exact: Σ_t (e_y − p_t) h_tᵀ per segment
+                probs[torch.arange(len(y), device=device), y] -= 1.0
+                for s in seg.unique():
+                    rows = seg == s
+                    grads[s] -= (probs[rows].T @ h[rows]).flatten()
+            else:
+                left.append(p_v[:, y].T - probs @ p_v.T)  # [t, rows] = P_V (e_y − p_t)
+                right.append(h @ p_h.T)  # [t, cols] = P_H h_t
+        if grads is not None and left:
+            u, z = torch.cat(left), torch.cat(right)
+            for s in segment.unique():
+                rows = segment == s
+                grads[s] = (u[rows].T @ z[rows]).flatten()  # Σ_t (P_V(e_y − p_t)) (P_H h_t)ᵀ
+        return logps, grads
+
     def stats(
         self,
         model: nn.Module,
@@ -262,51 +321,119 @@ class _HeadGradients:
         *,
         with_grads: bool,
     ) -> SequenceStats:
+        """Log-probs (and gradients) of ``(prompt, block, answer)`` sequences; each distinct prompt + block
+        prefix runs through the decoder once and its KV cache serves all of its answers."""
         if with_grads and self.dim == 0:
             raise ValueError("this head-gradient backend computes log-probs only")
         head = model.get_output_embeddings()  # type: ignore[operator]
         with torch.no_grad():
+            groups = _prefix_groups(seqs)
             with autocast(bf16):
-                states, targets, answer_lengths = _response_hidden(model, seqs, pad_id)
-            dtype = _head_dtype(head)
-            weight = head.weight.detach().to(dtype)
-            bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(dtype)
-            p_v = None if self.p_v is None else self.p_v.to(dtype)
-            p_h = None if self.p_h is None else self.p_h.to(dtype)
-            totals, answers, grads = [], [], []
-            for h_all, y_all, n_answer in zip(states, targets, answer_lengths, strict=True):
-                token_logps = []
-                grad = None
-                if with_grads:
-                    grad = torch.zeros(
-                        self.dim, dtype=dtype, device=weight.device
-                    )  # flattened [V*H] or [rows*cols]
-                for start in range(0, h_all.shape[0], HEAD_CHUNK):
-                    h = h_all[start : start + HEAD_CHUNK].to(dtype)
-                    y = y_all[start : start + HEAD_CHUNK]
-                    logits = F.linear(h, weight, bias)
-                    logp = logits.log_softmax(-1)
-                    token_logps.append(logp.gather(1, y.unsqueeze(1)).squeeze(1))
-                    if grad is None:
-                        continue
-                    probs = logp.exp()
-                    if p_v is None or p_h is None:
-                        residual = -probs
-                        residual[torch.arange(len(y), device=y.device), y] += 1.0
-                        grad += (residual.T @ h).flatten()
-                    else:
-                        u = p_v[:, y].T - probs @ p_v.T  # [t, rows] = P_V (e_y − p)
-                        grad += (u.T @ (h @ p_h.T)).flatten()  # Σ_t (P_V(e_y−p_t)) (P_H h_t)ᵀ
-                lp = torch.cat(token_logps) if token_logps else weight.new_zeros(0)
-                totals.append(lp.sum())
-                answers.append(lp[lp.shape[0] - n_answer :].sum())
-                if grad is not None:
-                    grads.append(grad)
+                states = _shared_prefix_states(model, groups, pad_id)
+            # Segments: each group's block, then each of its answers.
+            parts_h: list[torch.Tensor] = []
+            parts_y: list[list[int]] = []
+            block_of: list[int] = []
+            answer_of: dict[int, int] = {}
+            for (_, block, members), (block_h, answer_hs) in zip(groups, states, strict=True):
+                block_of.append(len(parts_h))
+                parts_h.append(block_h)
+                parts_y.append(block)
+                for (index, answer), answer_h in zip(members, answer_hs, strict=True):
+                    answer_of[index] = len(parts_h)
+                    parts_h.append(answer_h)
+                    parts_y.append(answer)
+            device = parts_h[0].device
+            segment = torch.cat(
+                [torch.full((len(y),), i, dtype=torch.long, device=device) for i, y in enumerate(parts_y)]
+            )
+            targets = torch.tensor([t for y in parts_y for t in y], dtype=torch.long, device=device)
+            logps, grads = self._segments(
+                torch.cat(parts_h), targets, segment, len(parts_h), head, bf16, with_grads
+            )
+            block_index = [block_of[g] for g, (_, _, members) in enumerate(groups) for _ in members]
+            order = [index for _, _, members in groups for index, _ in members]
+            blocks = torch.empty(len(seqs), dtype=torch.long)
+            answers = torch.empty(len(seqs), dtype=torch.long)
+            blocks[order] = torch.tensor(block_index)
+            answers[order] = torch.tensor([answer_of[i] for i in order])
+            blocks, answers = blocks.to(device), answers.to(device)
+            total = logps[blocks] + logps[answers]
+            grad = None if grads is None else grads[blocks] + grads[answers]
         return SequenceStats(
-            torch.stack(totals).double().cpu(),
-            torch.stack(answers).double().cpu(),
-            torch.stack(grads).double().cpu() if with_grads else None,
+            total.double().cpu(),
+            logps[answers].double().cpu(),
+            None if grad is None else grad.double().cpu(),
         )
+
+
+def _prefix_groups(
+    seqs: Sequence[tuple[list[int], list[int], list[int]]],
+) -> list[tuple[list[int], list[int], list[tuple[int, list[int]]]]]:
+    """``(prompt, block, [(sequence index, answer), ...])`` for each distinct prompt + block, in order."""
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[int, list[int]]]] = {}
+    for index, (prompt, block, answer) in enumerate(seqs):
+        if not prompt or not answer:
+            raise ProbeDataError("probe sequences need a non-empty prompt and answer")
+        groups.setdefault((tuple(prompt), tuple(block)), []).append((index, answer))
+    return [(list(p), list(b), members) for (p, b), members in groups.items()]
+
+
+def _shared_prefix_states(
+    model: nn.Module, groups: list[tuple[list[int], list[int], list[tuple[int, list[int]]]]], pad_id: int
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Decoder states predicting each block token and each answer token, per :func:`_prefix_groups` group.
+
+    Prefixes (prompt + block) run once, right-padded, and fill a KV cache; every answer continues from its
+    prefix's cache (rows selected per answer) after the masked pad columns, with position ids that continue
+    the prefix, so shared prefixes are not recomputed. (Right padding keeps every query row attending to at
+    least one real token: a fully masked row would put NaN keys into the cache.) The state at a prefix's last
+    position predicts the first token of each of its answers.
+    """
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()  # type: ignore[operator]
+    prefixes = [prompt + block for prompt, block, _ in groups]
+    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for row, prefix in enumerate(prefixes):
+        ids[row, : len(prefix)] = torch.tensor(prefix)
+        mask[row, : len(prefix)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = torch.arange(width, device=device).unsqueeze(0).expand(len(prefixes), -1)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    hidden, cache = out.last_hidden_state, out.past_key_values
+    rows = [g for g, (_, _, members) in enumerate(groups) for _ in members]
+    answers = [answer for _, _, members in groups for _, answer in members]
+    a_width = max(len(a) for a in answers)
+    a_ids = torch.full((len(answers), a_width), pad_id, dtype=torch.long)
+    a_mask = torch.zeros((len(answers), a_width), dtype=torch.long)
+    for row, answer in enumerate(answers):
+        a_ids[row, : len(answer)] = torch.tensor(answer)
+        a_mask[row, : len(answer)] = 1
+    select = torch.tensor(rows, device=device)
+    cache.batch_select_indices(select)
+    a_positions = lengths[select].unsqueeze(1) + torch.arange(a_width, device=device).unsqueeze(0)
+    continued = decoder(
+        input_ids=a_ids.to(device),
+        attention_mask=torch.cat([mask[select], a_mask.to(device)], dim=1),
+        position_ids=a_positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    out_states: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    answer_row = 0
+    for g, (prompt, block, members) in enumerate(groups):
+        end = len(prompt) + len(block)
+        last = hidden[g, end - 1 : end]  # predicts the first answer token
+        block_states = hidden[g, len(prompt) - 1 : end - 1]  # predict the block's tokens
+        answer_states = []
+        for _, answer in members:
+            answer_states.append(torch.cat([last, continued[answer_row, : len(answer) - 1]]))
+            answer_row += 1
+        out_states.append((block_states, answer_states))
+    return out_states
 
 
 class _ParamGradients:
@@ -361,11 +488,12 @@ class _ParamGradients:
                 with autocast(bf16):
                     states, targets, answer_lengths = _response_hidden(model, group, pad_id)
                 for h, y, n_answer in zip(states, targets, answer_lengths, strict=True):
-                    # The head in full precision, as in _HeadGradients (same log-probs as the reference pass).
-                    logits = F.linear(
-                        h.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype)
-                    )
-                    lp = logits.log_softmax(-1).gather(1, y.unsqueeze(1)).squeeze(1)
+                    # The head as in _HeadGradients (so the reference pass gives the same log-probs).
+                    with autocast(bf16 and dtype != torch.float64):
+                        logits = F.linear(
+                            h.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype)
+                        )
+                    lp = logits.to(dtype).log_softmax(-1).gather(1, y.unsqueeze(1)).squeeze(1)
                     total = lp.sum()
                     totals.append(total.detach())
                     answers.append(lp[lp.shape[0] - n_answer :].sum().detach())
