@@ -153,6 +153,11 @@ def _distributed_worker(rank: int, world: int, init_file: str, out: str, strateg
     import torch.distributed as dist
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks live on this machine
+    # One intra-op thread per rank: two ranks with a full OpenMP pool each oversubscribe the cores, and
+    # spinning OpenMP workers can starve gloo's transport threads for minutes.
+    torch.set_num_threads(1)
+    # Spawned ranks inherit the parent's CPU affinity; an earlier in-process engine may have pinned it.
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
