@@ -177,6 +177,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out: str, strateg
         dist.destroy_process_group()
 
 
+@pytest.mark.timeout(420)  # two attempts of at most 150 s each, then the single-process run
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None:
     import torch.multiprocessing as mp
