@@ -324,7 +324,7 @@ def build_summary(
     metrics = read_rows(config, train.metrics)
     evals = read_rows(config, results)
     scores = {(r["model_label"], r["mode"]): r for r in evals if r["metric"] == "score"}
-    labels = _eval_labels({"all": {label: 0.0 for label, _ in scores}})
+    labels = _eval_labels({label for label, _ in scores})
     datasets = [
         data.prompts,
         data.generations,
@@ -359,7 +359,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"Loss: {summary['loss']['first']:.4f} → {summary['loss']['last']:.4f} "
         f"over {summary['loss']['steps']} steps.",
     ]
-    labels = _eval_labels(summary["eval"])
+    labels = _eval_labels({label for values in summary["eval"].values() for label in values})
     lines += ["", "| mode | " + " | ".join(f"{label} score" for label in labels) + " |"]
     lines.append("|---|" + "---|" * len(labels))
     for mode, values in summary["eval"].items():
@@ -446,9 +446,8 @@ def _eval_markdown(checkpoint: str, parent: DatasetRef, rows: list[dict[str, Any
     )
 
 
-def _eval_labels(evals: dict[str, dict[str, float]]) -> list[str]:
+def _eval_labels(found: set[str]) -> list[str]:
     """Model labels in report order: reference, trained, then the baselines."""
-    found = {label for values in evals.values() for label in values}
     first = [label for label in ("reference", "trained") if label in found]
     return first + sorted(found - set(first))
 
