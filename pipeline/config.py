@@ -54,7 +54,7 @@ class PromptsConfig(_Section):
 
 
 class ReasoningConfig(_Section):
-    """How reasoning is switched on and off (DESIGN.md §2, 'Reasoning on/off')."""
+    """How reasoning is switched on and off (docs/method.md §Reasoning on/off formats)."""
 
     control: Literal["prefill", "native"] = Field(
         "prefill",
@@ -289,7 +289,7 @@ ALPHA_BASELINES = {"dpo_trace": 1.0, "dpo_empty": 0.0}
 class ProbeConfig(_Section):
     """Gradient-statistics probe: α̂* and the trace-induced variance, measured during training.
 
-    See pipeline/training/grad_probe.py and DESIGN.md §1 (the α* equation, Var_r[g_c] = α² Var_r[g_t]).
+    See pipeline/training/grad_probe.py and docs/method.md §Estimating α*, §The variance law.
     """
 
     enabled: bool = Field(
@@ -336,7 +336,7 @@ class ProbeConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """BVPO training: L = α·L_t + (1−α)·L_e (DESIGN.md §1)."""
+    """BVPO training: L = α·L_t + (1−α)·L_e (docs/method.md §The BVPO mixture)."""
 
     alpha: float | Literal["dpo_trace", "dpo_empty", "auto"] = Field(
         0.5,

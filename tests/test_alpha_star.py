@@ -1,4 +1,4 @@
-"""α̂* on synthetic gradients with known biases and covariances (DESIGN.md §1)."""
+"""α̂* on synthetic gradients with known biases and covariances (docs/method.md §MSE-optimal α)."""
 
 from __future__ import annotations
 

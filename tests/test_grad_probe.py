@@ -1,6 +1,6 @@
 """The gradient probe (pipeline/training/grad_probe.py) on tiny models: exact gradients, α̂* against the α* of
-DESIGN.md §1 computed by enumerating every trace, the α² law of the trace-induced variance, ``alpha: auto``
-through the trainer, the Prefect flow and ``bvpo analyze-variance``.
+docs/method.md §MSE-optimal α computed by enumerating every trace, the α² law of the trace-induced
+variance, ``alpha: auto`` through the trainer, the Prefect flow and ``bvpo analyze-variance``.
 
 Traces of one token make the marginal ``π(y|x) = Σ_r π(r|x) π(y|x,r)`` a sum over the vocabulary, so the true
 marginal gradient G and the exact α* are computable and the estimates can be checked against them.
@@ -350,7 +350,7 @@ def _mixed_gradients(
 
 
 def test_mixed_gradient_trace_variance_is_alpha_squared_times_that_of_g_t() -> None:
-    """Var_r[g_c] = α² Var_r[g_t] (DESIGN.md §1), measured on a model through the BVPO loss.
+    """Var_r[g_c] = α² Var_r[g_t] (docs/method.md §The variance law), measured on a model through BVPO.
 
     (1) Same traces: g_c from autograd of L_BVPO equals α g_t + (1−α) g_e, so the variances agree to float
     precision. (2) Independent trace draws for g_t and g_c: H0 ``tr Var[g_c] = α² tr Var[g_t]`` is tested on

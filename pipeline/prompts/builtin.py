@@ -69,7 +69,7 @@ _KEYWORDS = (
     "signal", "quiet", "bridge", "spark", "harbor", "compass", "rhythm", "colour",
 )  # fmt: skip
 _FORBIDDEN = ("very", "really", "just", "thing", "things", "good", "nice", "amazing", "important", "always")
-# Answers are short (DESIGN: ~96 answer tokens), so word limits stay small.
+# Answers are short (generation.max_answer_tokens defaults to 96), so word limits stay small.
 _MAX_WORDS = (15, 20, 30, 40, 50, 60)
 _MIN_WORDS = (10, 15, 20, 30, 40)
 _START_PHRASES = ("Here is my answer", "In short", "To begin", "My view")

@@ -1,7 +1,7 @@
 """The scorer interface: every scorer sees the prompt and the final answer, never the reasoning trace.
 
-DESIGN.md §2 ('score'): scorers score the final answer only. :class:`ScoreInput` has no field for a trace,
-so a scorer cannot see one even by mistake.
+docs/method.md §Pipeline stages ('score'): scorers score the final answer only. :class:`ScoreInput`
+has no field for a trace, so a scorer cannot see one even by mistake.
 """
 
 from __future__ import annotations

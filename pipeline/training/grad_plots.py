@@ -1,8 +1,8 @@
 """The gradient probe's picture as one PNG: α̂* over steps, and the trace-induced variance BVPO removes.
 
-Left: α̂* of each probe with its bootstrap interval, and the α trained with at each step (DESIGN.md §1,
-the α* equation). Right: ``tr Var_r[g_t]`` against ``tr Var_r[g_c]`` of the mixed gradient
-``g_c = α g_t + (1−α) g_e`` (``= α² tr Var_r[g_t]``, DESIGN.md §1), log scale.
+Left: α̂* of each probe with its bootstrap interval, and the α trained with at each step (docs/method.md
+§MSE-optimal α). Right: ``tr Var_r[g_t]`` against ``tr Var_r[g_c]`` of the mixed gradient
+``g_c = α g_t + (1−α) g_e`` (``= α² tr Var_r[g_t]``, docs/method.md §The variance law), log scale.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DPO and BVPO losses (DESIGN.md §1; Zhu et al. 2025, arXiv 2510.05095, Eq. for L_BVPO)."""
+"""DPO and BVPO losses (docs/method.md §The two estimators, §The BVPO mixture; arXiv 2510.05095)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class DPOOutput:
 class DPOLoss(nn.Module):
     """Per-example DPO loss ``ℓ = −log σ(β[(log π_θ(c) − log π_ref(c)) − (log π_θ(r) − log π_ref(r))])``.
 
-    Used for both estimators of DESIGN.md §1: on (r, y) sequences it is ℓ_t, on (∅, y) sequences ℓ_e.
+    Used for both estimators of docs/method.md §The two estimators: on (r, y) sequences it is ℓ_t, on
+    (∅, y) sequences ℓ_e.
 
     Args:
         beta: DPO temperature β > 0.
@@ -68,7 +69,7 @@ class BVPOOutput:
 
 
 class BVPOLoss(nn.Module):
-    """``L_BVPO = α·L_t + (1−α)·L_e`` with L_t, L_e the batch means of ℓ_t and ℓ_e (DESIGN.md §1).
+    """``L_BVPO = α·L_t + (1−α)·L_e``, the batch means of ℓ_t and ℓ_e (docs/method.md §The BVPO mixture).
 
     α = 1 is DPO on traces, α = 0 DPO on empty traces. A mode whose weight is 0 may be passed as ``None``
     (its forward pass can then be skipped).
