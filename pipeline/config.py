@@ -346,7 +346,16 @@ class TrainConfig(_Section):
     beta: float = Field(0.1, gt=0.0, description="DPO temperature β.")
     max_steps: int = Field(12, ge=1)
     batch_size: int = Field(
-        2, ge=1, description="Pairs per mode in each micro-batch (global, over processes)."
+        2,
+        ge=1,
+        description="Pairs per mode in each micro-batch (global, over processes); a one-mode baseline "
+        "draws twice as many under budget: matched.",
+    )
+    budget: Literal["matched", "per_mode"] = Field(
+        "matched",
+        description="Pairs per step: 'matched' gives every α 2·batch_size pairs per micro-batch (α=1 all "
+        "from D_t, α=0 all from D_e, else batch_size from each); 'per_mode' draws batch_size from each "
+        "mode in use (BVPO then sees twice a baseline's pairs).",
     )
     grad_accum_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-5, gt=0.0)

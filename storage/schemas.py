@@ -112,6 +112,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("grad_norm", pa.float64(), nullable=False),
             pa.field("lr", pa.float64(), nullable=False),
             pa.field("tokens", pa.int64(), nullable=False),
+            pa.field("pairs_t", pa.int64()),  # pairs drawn from D_t this step (train.budget)
+            pa.field("pairs_e", pa.int64()),
+            pa.field("tokens_t", pa.int64()),  # tokens of the D_t sequences this step
+            pa.field("tokens_e", pa.int64()),
             pa.field("tokens_per_s", pa.float64(), nullable=False),
             pa.field("seconds", pa.float64(), nullable=False),
             pa.field("checkpoint", pa.string(), nullable=False),

@@ -44,3 +44,29 @@ class PairSampler:
         self._rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
         self._order = list(state["order"])
         self.epoch = int(state["epoch"])
+
+
+def pairs_per_mode(alpha: float | str, batch_size: int, budget: str) -> tuple[int, int]:
+    """Pairs drawn per micro-batch from D_t and D_e (``docs/method.md`` §Matched budgets).
+
+    ``matched``: every α sees ``2·batch_size`` pairs per micro-batch, so baselines and BVPO get the same data
+    (and, up to length noise, tokens) per step: α = 1 draws them all from D_t, α = 0 all from D_e, any other
+    α (and ``auto``, whose α moves during training) ``batch_size`` from each. ``per_mode``: ``batch_size``
+    from every mode with a non-zero weight (BVPO then sees twice the pairs of a baseline).
+
+    Args:
+        alpha: the configured α: a number in [0, 1], or ``"auto"``.
+        batch_size: ``train.batch_size``.
+        budget: ``"matched"`` or ``"per_mode"``.
+    """
+    if budget not in ("matched", "per_mode"):
+        raise ValueError(f"budget must be 'matched' or 'per_mode', got {budget!r}")
+    if alpha == "auto":
+        return batch_size, batch_size
+    value = float(alpha)
+    scale = 2 if budget == "matched" else 1
+    if value >= 1.0:
+        return scale * batch_size, 0
+    if value <= 0.0:
+        return 0, scale * batch_size
+    return batch_size, batch_size

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.config import TrainConfig
 from pipeline.training.loss import BVPOLoss, DPOOutput, PreferenceLogps
 from pipeline.training.modeling import autocast
-from pipeline.training.sampling import PairSampler
+from pipeline.training.sampling import PairSampler, pairs_per_mode
 from pipeline.training.sequences import SequenceBatch, TokenizedPair, pairs_batch, sequence_logps
 
 if TYPE_CHECKING:
@@ -129,14 +129,18 @@ class BVPOTrainer:
         self.pad_id = pad_id
         self.data_t = list(data_t) if self.alpha > 0 else []
         self.data_e = list(data_e) if self.alpha < 1 else []
+        # Pairs per micro-batch and mode: matched budgets give every α the same pairs per step (sampling.py).
+        self.batch_t, self.batch_e = pairs_per_mode(
+            "auto" if config.alpha == "auto" else self.alpha, config.batch_size, config.budget
+        )
         self.sampler_t = (
-            PairSampler(len(self.data_t), config.batch_size, config.sampling, config.seed)
-            if self.data_t
+            PairSampler(len(self.data_t), self.batch_t, config.sampling, config.seed)
+            if self.data_t and self.batch_t
             else None
         )
         self.sampler_e = (
-            PairSampler(len(self.data_e), config.batch_size, config.sampling, config.seed + 1)
-            if self.data_e
+            PairSampler(len(self.data_e), self.batch_e, config.sampling, config.seed + 1)
+            if self.data_e and self.batch_e
             else None
         )
         self.fsdp = self.world_size > 1 and config.distributed == "fsdp"
@@ -183,12 +187,15 @@ class BVPOTrainer:
         sums = dict.fromkeys(METRIC_KEYS, 0.0)
         counts = dict.fromkeys(METRIC_KEYS, 0)
         tokens = 0
+        mode_tokens = {"trace": 0, "empty": 0}
         accum = self.config.grad_accum_steps
         for micro in range(accum):
             batch_t = self._local(self.data_t, self.sampler_t)
             batch_e = self._local(self.data_e, self.sampler_e)
             seq_t = pairs_batch([p.tokens for p in batch_t], self.pad_id) if batch_t else None
             seq_e = pairs_batch([p.tokens for p in batch_e], self.pad_id) if batch_e else None
+            mode_tokens["trace"] += seq_t.num_tokens if seq_t else 0
+            mode_tokens["empty"] += seq_e.num_tokens if seq_e else 0
             tokens += (seq_t.num_tokens if seq_t else 0) + (seq_e.num_tokens if seq_e else 0)
             # One forward + backward per mode: the gradient of α·L_t + (1−α)·L_e is the sum of the two
             # terms' gradients, and only one mode's activations are alive at a time (lower peak memory).
@@ -228,6 +235,8 @@ class BVPOTrainer:
         self.step += 1
         values = {k: (sums[k] / counts[k] if counts[k] else None) for k in METRIC_KEYS}
         values, tokens = _reduce_across_ranks(values, tokens, self.world_size)
+        _, tokens_t = _reduce_across_ranks({}, mode_tokens["trace"], self.world_size)
+        _, tokens_e = _reduce_across_ranks({}, mode_tokens["empty"], self.world_size)
         elapsed = time.perf_counter() - started
         row = {
             "step": self.step,
@@ -235,6 +244,10 @@ class BVPOTrainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": tokens,
+            "pairs_t": (self.batch_t if self.sampler_t else 0) * accum,  # global pairs this step
+            "pairs_e": (self.batch_e if self.sampler_e else 0) * accum,
+            "tokens_t": tokens_t,
+            "tokens_e": tokens_e,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "seconds": elapsed,
             **values,
