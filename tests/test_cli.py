@@ -342,7 +342,7 @@ def test_run_prints_its_summary_and_writes_the_report(
     import sys
     import types
 
-    import flows.cli
+    import flows.cli.run
 
     parent = "99999999-8888-4777-8666-555555555555"
     refs = run.datasets
@@ -369,7 +369,7 @@ def test_run_prints_its_summary_and_writes_the_report(
     pipeline = types.ModuleType("flows.pipeline")  # a stand-in module: no Prefect import, no flow run
     pipeline.bvpo_pipeline = fake_pipeline  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flows.pipeline", pipeline)
-    monkeypatch.setattr(flows.cli, "_flow_run_name", lambda run_id: "crimson-lemur")
+    monkeypatch.setattr(flows.cli.run, "_flow_run_name", lambda run_id: "crimson-lemur")
     result = _invoke("run", "--set", f"workspace={run.workspace}", "--set", "train.alpha=0.25")
     assert result.exit_code == 0, result.output
     assert seen[0].train.alpha == 0.25

@@ -314,7 +314,7 @@ def test_compose_config_validates_when_a_compose_client_is_installed() -> None:
 
 
 def test_local_server_ui_calls_the_api_on_its_own_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.cli import _server_env
+    from flows.cli.server import _server_env
 
     monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
     assert _server_env("127.0.0.1", 4300)["PREFECT_UI_API_URL"] == "http://127.0.0.1:4300/api"

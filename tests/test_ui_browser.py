@@ -219,7 +219,7 @@ def test_serve_points_prefect_at_the_local_server_it_starts(monkeypatch: pytest.
     from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL
 
-    import flows.cli as cli
+    import flows.cli.server as cli
     import flows.deployments  # noqa: F401  (Prefect is imported and has read its settings)
 
     class FakeServer:

@@ -1,0 +1,251 @@
+"""Data commands: `bvpo sql`, `bvpo datasets`, `bvpo lineage`, `bvpo compare`, `bvpo export`."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli.app import DebugOpt, WorkspaceOpt, app, console, err, fail, print_rows
+
+
+class SqlFormat(StrEnum):
+    """Output formats of ``bvpo sql``."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="A read-only SQL query over the dataset views.")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    format_: Annotated[
+        SqlFormat,
+        typer.Option("--format", "-f", help="table (terminal), csv, json (array of rows) or parquet."),
+    ] = SqlFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the result to FILE (csv, json, parquet).")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a read-only SQL query over the catalog (one view per dataset kind, plus kind__v<N>).
+
+    Only SELECT (and EXPLAIN of a SELECT) runs; anything that could write is refused with exit code 1.
+
+    Examples:
+      bvpo sql "select count(*) from generations"
+      bvpo sql "select mode, avg(score) from scores group by mode"
+      bvpo sql "select * from pairs_trace" --format parquet --output pairs.parquet
+      bvpo sql "select * from datasets" --format json
+    """
+    from storage import DatasetStore, QueryRefused, run_readonly_arrow, write_result
+
+    if format_ is SqlFormat.table and output is not None:
+        err.print("[red]error:[/red] --output needs --format csv, json or parquet")
+        raise typer.Exit(code=2)
+    if format_ is SqlFormat.parquet and output is None:
+        err.print("[red]error:[/red] --format parquet needs --output FILE")
+        raise typer.Exit(code=2)
+    store = DatasetStore(workspace)
+    try:
+        result = run_readonly_arrow(store.catalog, store.lake, query)
+    except QueryRefused as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except Exception as exc:
+        fail(exc, debug)
+        return
+    if format_ is SqlFormat.table:
+        columns = [c.to_pylist() for c in result.columns]
+        print_rows(result.column_names, list(zip(*columns, strict=True)) if columns else [])
+        return
+    try:
+        write_result(result, format_.value, output, None if output else sys.stdout.buffer)
+    except Exception as exc:
+        fail(exc, debug)
+        return
+    if output is not None:
+        err.print(f"wrote {result.num_rows} rows to {output}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def datasets(workspace: WorkspaceOpt = Path("workspace"), debug: DebugOpt = False) -> None:
+    """List every registered dataset version.
+
+    Example:
+      bvpo datasets
+    """
+    from storage import DatasetStore
+
+    try:
+        rows = DatasetStore(workspace).catalog.list_datasets()
+    except Exception as exc:
+        fail(exc, debug)
+        return
+    columns = ["name", "kind", "version", "row_count", "created_at"]
+    print_rows(columns, [tuple(r[c] for c in columns) for r in rows])
+
+
+@app.command()
+def lineage(
+    dataset: Annotated[
+        str, typer.Argument(help="kind (latest), kind__v<N>, kind:<version> or a version id.")
+    ],
+    workspace: WorkspaceOpt = Path("workspace"),
+    debug: DebugOpt = False,
+) -> None:
+    """Print the chain of datasets (with their configs) that produced DATASET, back to the prompts.
+
+    Examples:
+      bvpo lineage eval_results
+      bvpo lineage pairs_trace__v2
+    """
+    import json
+
+    from storage import DatasetStore
+
+    catalog = DatasetStore(workspace).catalog
+    try:
+        chain = catalog.lineage(catalog.resolve(dataset))
+    except Exception as exc:
+        fail(exc, debug)
+        return
+    for depth, ref, config in chain:
+        indent = "  " * depth
+        console.print(f"{indent}[bold]{ref.name}[/bold] ({ref.version}, {ref.row_count} rows)")
+        console.print(
+            f"{indent}  config: {json.dumps(config, sort_keys=True)}", markup=False, highlight=False
+        )
+
+
+@app.command()
+def compare(
+    runs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="eval_results datasets (eval_results, eval_results__v2, a version id) or the flow run ids "
+            "of evaluate runs; default: the latest eval_results."
+        ),
+    ] = None,
+    workspace: WorkspaceOpt = Path("workspace"),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write OUTPUT.md and OUTPUT.png.")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare evaluations: every model and mode with 95% intervals, as a Markdown table (and a PNG).
+
+    Examples:
+      bvpo compare
+      bvpo compare eval_results__v1 eval_results__v2 --output reports/v1-vs-v2
+    """
+    from pipeline.evaluation.report import comparison_markdown, merge_runs, write_comparison_report
+    from storage import DatasetStore
+
+    try:
+        store = DatasetStore(workspace)
+        refs = [_eval_results_of(store, run) for run in runs or ["eval_results"]]
+        rows = merge_runs({ref.name: store.read_rows(ref) for ref in refs})
+        if not rows:
+            raise ValueError("the selected eval_results hold no rows")
+        console.print(comparison_markdown(rows), markup=False, highlight=False)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            markdown, chart = write_comparison_report(
+                rows, output, title="Comparison of " + ", ".join(r.name for r in refs)
+            )
+            console.print(f"wrote {markdown} and {chart}", markup=False)
+    except Exception as exc:
+        fail(exc, debug)
+
+
+def _eval_results_of(store: Any, run: str) -> Any:
+    """The eval_results dataset named by ``run``: a dataset name/version, or the flow run that made it."""
+    from storage import CatalogError
+
+    if not store.catalog.path.exists():
+        raise ValueError(f"no catalog at {store.catalog.path}: run `bvpo run` first")
+    try:
+        ref = store.catalog.resolve(run)
+    except CatalogError:
+        made = [
+            r
+            for r in store.catalog.list_datasets()
+            if r["kind"] == "eval_results" and r["flow_run_id"] == run
+        ]
+        if not made:
+            raise ValueError(
+                f"'{run}' is neither a dataset nor the flow run of an evaluation in {store.workspace} "
+                "(see `bvpo datasets`)"
+            ) from None
+        ref = store.catalog.resolve(made[-1]["name"])
+    if ref.kind != "eval_results":
+        raise ValueError(f"'{run}' is a {ref.kind} dataset; compare takes eval_results datasets")
+    return ref
+
+
+class ExportFormat(StrEnum):
+    alpaca_eval = "alpaca-eval"
+    arena_hard = "arena-hard"
+
+
+@app.command()
+def export(
+    fmt: Annotated[ExportFormat, typer.Argument(help="alpaca-eval (JSON list) or arena-hard (JSONL).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    label: Annotated[str, typer.Option(help="Model label in eval_generations (reference, trained, …).")] = (
+        "trained"
+    ),
+    mode: Annotated[str, typer.Option(help="Reasoning mode: trace (on) or empty (off).")] = "trace",
+    dataset: Annotated[str, typer.Option(help="The eval_generations dataset holding the answers.")] = "",
+    workspace: WorkspaceOpt = Path("workspace"),
+    debug: DebugOpt = False,
+) -> None:
+    """Export a model's eval answers for AlpacaEval or Arena-Hard (final answers only, first sample).
+
+    Examples:
+      bvpo export alpaca-eval -o out/trained.json
+      bvpo export arena-hard --label reference --mode empty -o out/reference.jsonl
+    """
+    from pipeline.evaluation import export as exporters
+    from storage import DatasetStore
+
+    try:
+        store = DatasetStore(workspace)
+        refs = [store.catalog.resolve(dataset)] if dataset else _eval_generation_sets(store, label)
+        rows = [
+            r for ref in refs for r in store.read_rows(ref) if r["model_label"] == label and r["mode"] == mode
+        ]
+        if not rows:
+            raise ValueError(
+                f"no eval answers of '{label}' in mode '{mode}' (see `bvpo sql` on eval_generations)"
+            )
+        model = rows[0]["model"]
+        if fmt is ExportFormat.alpaca_eval:
+            prompts = {p["prompt_id"]: p["prompt"] for p in store.read_rows(store.catalog.resolve("prompts"))}
+            path = exporters.write_alpaca_eval(
+                output, exporters.alpaca_eval_records(rows, prompts, f"{label}:{model}")
+            )
+        else:
+            path = exporters.write_arena_hard(output, exporters.arena_hard_records(rows, f"{label}-{mode}"))
+        console.print(
+            f"wrote {path} ({len({r['prompt_id'] for r in rows})} answers of {label}, {mode})", markup=False
+        )
+    except Exception as exc:
+        fail(exc, debug)
+
+
+def _eval_generation_sets(store: Any, label: str) -> list[Any]:
+    """The latest eval_generations version holding ``label``'s answers."""
+    for row in reversed(store.catalog.list_datasets()):
+        if row["kind"] == "eval_generations":
+            ref = store.catalog.resolve(row["name"])
+            if any(r["model_label"] == label for r in store.read_rows(ref)):
+                return [ref]
+    raise ValueError(f"no eval_generations dataset holds answers of '{label}' in {store.workspace}")
