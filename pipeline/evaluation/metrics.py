@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.paired import paired_bootstrap
 from pipeline.evaluation.winrate import (
     Judgement,
     lc_win_rate,
@@ -44,7 +45,10 @@ def summarize(
     Metrics per model and mode: ``score`` (mean final-answer score per prompt), ``answer_tokens``,
     ``trace_tokens`` and, for models other than the reference, ``win_rate_vs_reference`` (per prompt: 1 if its
     mean score beats the reference's, 0.5 on a tie, 0 otherwise) and its length-controlled version
-    ``lc_win_rate_vs_reference`` (:mod:`pipeline.evaluation.winrate`).
+    ``lc_win_rate_vs_reference`` (:mod:`pipeline.evaluation.winrate`), ``score_diff_vs_reference`` (mean
+    per-prompt score difference with a paired bootstrap interval) and ``mde_vs_reference`` (the eval set's
+    minimum detectable difference at 95% / 80% power, from the SD of those differences;
+    :mod:`pipeline.evaluation.paired`).
     """
     per_prompt: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
@@ -74,6 +78,15 @@ def summarize(
             mine, theirs = mean_of("score", group), mean_of("score", reference)
             my_len, their_len = mean_of("answer_tokens", group), mean_of("answer_tokens", reference)
             shared = sorted(set(mine) & set(theirs))
+            if shared:  # paired over prompts, with the eval set's minimum detectable difference
+                diff = paired_bootstrap(mine, theirs, samples=bootstrap_samples, seed=seed)
+                out.append(
+                    _result(label, models[label], mode, "score_diff_vs_reference", diff.mean,
+                            diff.ci_low, diff.ci_high, diff.n)
+                )  # fmt: skip
+                out.append(
+                    _result(label, models[label], mode, "mde_vs_reference", diff.mde, None, None, diff.n)
+                )
             judged = (judgements or {}).get((label, mode))
             verdicts = (
                 list(judged)
@@ -118,7 +131,14 @@ def summarize(
 
 
 def _result(
-    label: str, model: str, mode: str, metric: str, value: float, low: float, high: float, n: int
+    label: str,
+    model: str,
+    mode: str,
+    metric: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    n: int,
 ) -> dict[str, Any]:
     return {
         "model_label": label,

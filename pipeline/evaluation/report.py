@@ -10,14 +10,18 @@ REPORT_METRICS = (
     "score",
     "win_rate_vs_reference",
     "lc_win_rate_vs_reference",
+    "score_diff_vs_reference",
     "answer_tokens",
     "trace_tokens",
 )
 
 
+PROSE_METRICS = frozenset({"mde_vs_reference"})  # stated in a sentence (power_lines), not a column
+
+
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One row per (model, mode); one column per metric, as ``value [low, high]``."""
-    present = {r["metric"] for r in rows}
+    present = {r["metric"] for r in rows} - PROSE_METRICS
     metrics = [m for m in REPORT_METRICS if m in present] + sorted(present - set(REPORT_METRICS))
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
@@ -27,6 +31,31 @@ def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     for (label, mode), values in sorted(cells.items()):
         lines.append(f"| {label} | {mode} | " + " | ".join(values.get(m, "-") for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def power_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Sentences stating the minimum detectable difference of the eval set (``docs/method.md`` §Statistics).
+
+    Per mode: the prompts, and the smallest and largest MDE over the models compared with the reference
+    (``mde_vs_reference`` rows of :func:`pipeline.evaluation.metrics.summarize`).
+    """
+    by_mode: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["metric"] == "mde_vs_reference":
+            by_mode.setdefault(r["mode"], []).append(r)
+    if not by_mode:
+        return []
+    parts = []
+    for mode, found in sorted(by_mode.items()):
+        values = sorted(float(r["value"]) for r in found)
+        n = max(int(r["n"]) for r in found)
+        span = f"{values[0]:.3f}" if values[0] == values[-1] else f"{values[0]:.3f}–{values[-1]:.3f}"
+        parts.append(f"{mode}: {span} on {n} prompts")
+    return [
+        "**Minimum detectable difference** (score vs the reference, 95% level, 80% power, from the SD of "
+        "the per-prompt differences): " + "; ".join(parts) + ". A true difference smaller than this "
+        "would usually go unseen, so an interval that includes 0 does not show the models are equal."
+    ]
 
 
 def _cell(row: dict[str, Any]) -> str:
@@ -84,6 +113,7 @@ def write_comparison_report(
         "",
         comparison_markdown(rows),
         "",
+        *[line for sentence in power_lines(rows) for line in (sentence, "")],
         "| label | model |",
         "|---|---|",
         *[f"| {label} | `{model}` |" for label, model in models],

@@ -366,7 +366,7 @@ def _markdown(
     title: str | None,
     probe: tuple[list[dict[str, Any]], Path | None] = ([], None),
 ) -> str:
-    from pipeline.evaluation.report import comparison_markdown
+    from pipeline.evaluation.report import comparison_markdown, power_lines
 
     setup = _setup(run)
     runs = sorted({e.flow_run_id for e in run.lineage if e.flow_run_id})
@@ -458,6 +458,7 @@ def _markdown(
             "",
             f"Mean per-prompt value on {n} held-out prompts per mode, with 95% percentile-bootstrap "
             "intervals over prompts; win rates are against the reference model (ties count half).",
+            *[line for sentence in power_lines(evals) for line in ("", sentence)],
         ]
         if chart is not None:
             lines += ["", f"![Evaluation scores with 95% intervals]({chart.name})"]
