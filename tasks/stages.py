@@ -16,9 +16,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from pipeline.config import EMBEDDED_MODEL, ModelConfig, PipelineConfig
-from pipeline.model_assets import EMBEDDED_MODEL_NAME, embedded_checkpoint
+from pipeline.config import PipelineConfig
+from pipeline.models import model_identity, resolve_model_path
 from storage import DatasetRef, DatasetStore, schema_for, version_key
+from storage.lineage import generations_for
 from tasks.orchestration import GPU_TAG, HOUR, TRANSIENT_RETRIES
 
 
@@ -42,19 +43,6 @@ def _flow_run_id() -> str | None:
 
     run_id = flow_run.id
     return str(run_id) if run_id else None
-
-
-def model_identity(model: ModelConfig) -> str:
-    return EMBEDDED_MODEL_NAME if model.name_or_path == EMBEDDED_MODEL else model.name_or_path
-
-
-def resolve_model_path(model: ModelConfig) -> str:
-    """The model folder (or hub id) to load; a local folder lacking config, weights or tokenizer fails."""
-    from pipeline.preflight import check_model_dir
-
-    path = str(embedded_checkpoint()) if model.name_or_path == EMBEDDED_MODEL else model.name_or_path
-    check_model_dir(path)
-    return path
 
 
 def _store(config: PipelineConfig) -> DatasetStore:
@@ -317,14 +305,6 @@ def train_task(
         weight_delta_l2=delta.get("value"),
         grad_stats=grad_stats,
     )
-
-
-def generations_for(store: DatasetStore, pairs: DatasetRef) -> DatasetRef:
-    """The generations dataset a pairs dataset was built from (its stored traces feed the gradient probe)."""
-    for _, node, _ in store.catalog.lineage(pairs):
-        if node.kind == "generations":
-            return node
-    raise ValueError(f"{pairs.name} has no generations dataset in its lineage")
 
 
 @task(name="plot-grad-stats", cache_policy=NO_CACHE, timeout_seconds=600)

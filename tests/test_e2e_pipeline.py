@@ -117,7 +117,7 @@ def test_bvpo_loss_is_finite_and_weights_changed(tiny_run) -> None:
     )
     # At step 1 the policy is the reference: the loss is close to log 2.
     assert abs(metrics[0]["loss"] - math.log(2)) < 0.05
-    from tasks.stages import resolve_model_path
+    from pipeline.models import resolve_model_path
 
     base = load_file(str(Path(resolve_model_path(config.model)) / "model.safetensors"))
     trained = load_file(str(Path(out.train.checkpoint) / "model.safetensors"))

@@ -210,10 +210,11 @@ def analyze_variance(
 
     try:
         from pipeline.config import ModelConfig
+        from pipeline.models import resolve_model_path
         from pipeline.training.grad_probe import analyze_variance as probe_once
         from pipeline.training.grad_probe import variance_table
         from storage import DatasetStore
-        from tasks.stages import generations_for, resolve_model_path
+        from storage.lineage import generations_for
 
         cfg = pipeline_config(config, set_)
         store = DatasetStore(workspace)
