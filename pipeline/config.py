@@ -376,6 +376,17 @@ class TrainConfig(_Section):
         default_factory=ProbeConfig, description="Gradient-statistics probe (α̂*, trace-induced variance)."
     )
     seed: int = 0
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the train_metrics rows, α, α̂* and the eval table: "
+        "'tensorboard' (event files in <checkpoint>/runs/; needs the 'track' extra) and 'mlflow' (needs "
+        "the 'track' extra). Not part of the training's identity: turning one on retrains nothing.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server or store (e.g. http://127.0.0.1:5000). None: "
+        "$MLFLOW_TRACKING_URI, else a local SQLite store, <workspace>/mlflow.db.",
+    )
 
     @field_validator("alpha")
     @classmethod
@@ -416,6 +427,35 @@ class EvalConfig(_Section):
     )
 
 
+class PairsConfig(_Section):
+    """Bring-your-own preference pairs: import them instead of generate → score → pair (pipeline/interop/).
+
+    Sources: a .parquet or .jsonl file, a folder written by ``Dataset.save_to_disk``, or ``hf:ID[:SPLIT]``,
+    with prompt / chosen / rejected columns (strings or chat messages; reasoning inline in think tags or in
+    ``reasoning_content``).
+    """
+
+    source: str | None = Field(
+        None,
+        description="Pairs of both modes with a 'mode' column (trace | empty), or of one mode only. None "
+        "(and no trace_source/empty_source): pairs are generated, scored and paired here.",
+    )
+    trace_source: str | None = Field(None, description="D_t only (reasoning on): every row is a trace pair.")
+    empty_source: str | None = Field(
+        None, description="D_e only (reasoning off): every row is an empty pair."
+    )
+    hf_config: str | None = Field(None, description="Configuration (subset) name of a hub dataset.")
+    max_response_chars: int = Field(
+        100_000, ge=1, description="Longer responses (trace + answer) are rejected with a reason."
+    )
+
+    @property
+    def sources(self) -> list[tuple[str, str | None]]:
+        """``(location, mode)`` of each configured source (mode None: a mode column or one mode)."""
+        given = [(self.source, None), (self.trace_source, "trace"), (self.empty_source, "empty")]
+        return [(location, mode) for location, mode in given if location]
+
+
 class PipelineConfig(_Section):
     """The whole run: data refresh, training and evaluation."""
 
@@ -425,6 +465,7 @@ class PipelineConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

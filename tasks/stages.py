@@ -250,7 +250,11 @@ def train_task(
     store = _store(config)
     logger = get_run_logger()
     parents = [pairs_trace, pairs_empty, ref_logps]
-    settings = {"model": model_identity(config.model), "train": config.train.model_dump(mode="json")}
+    trackers = {"report_to", "mlflow_tracking_uri"}  # where metrics are reported is not what is trained
+    settings = {
+        "model": model_identity(config.model),
+        "train": config.train.model_dump(mode="json", exclude=trackers),
+    }
     checkpoint = store.workspace / "checkpoints" / version_key("train_metrics", settings, parents)
     delta: dict[str, float] = {}
     probe = config.train.probe_active  # gradient probe: reads the stored traces, writes grad_stats
