@@ -9,17 +9,26 @@ a Markdown summary.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.runtime import flow_run
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from flows.artifacts import (
+    CHECKPOINT_ARTIFACT,
+    build_summary,
+    datasets_artifact,
+    eval_artifacts,
+    grad_stats_artifacts,
+    refresh_markdown,
+    registered_here,
+    summary_markdown,
+    train_artifacts,
+)
 from pipeline.config import ALPHA_BASELINES, PipelineConfig
 from storage import CatalogError, DatasetRef, DatasetStore
 from tasks.stages import (
@@ -36,11 +45,7 @@ from tasks.stages import (
     score_task,
     train_task,
     training_plot_task,
-    workspace_paths,
 )
-
-CHECKPOINT_ARTIFACT = "bvpo-checkpoint"
-"""Key of the table artifact in which a train_bvpo run records the checkpoint it trained."""
 
 
 class DataRefreshOutput(BaseModel):
@@ -83,9 +88,9 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
         ref_logps=ref_logps,
     )
     refs = [prompts, generations, scores, pairs_trace, pairs_empty, ref_logps]
-    new = _registered_here(config, refs)
-    _datasets_artifact(refs, "data-refresh-datasets", new)
-    create_markdown_artifact(key="data-refresh-summary", markdown=_refresh_markdown(out, new))
+    new = registered_here(config, refs)
+    datasets_artifact(refs, "data-refresh-datasets", new)
+    create_markdown_artifact(key="data-refresh-summary", markdown=refresh_markdown(out, new))
     print(f"data_refresh: {len(new)} dataset(s) registered, {len(refs) - len(new)} reused")
     return out
 
@@ -106,26 +111,10 @@ def train_bvpo(
         data = data_refresh(config)
     out = train_task(config, data.pairs_trace, data.pairs_empty, data.ref_logps)
     metrics = read_rows(config, out.metrics)
-    plot = training_plot_task(config, out.metrics)
-    create_markdown_artifact(
-        key="train-curves",
-        markdown=f"# BVPO training curves\n\n![training curves]({_data_uri(plot)})\n\nPNG: `{plot}`",
-    )
-    create_table_artifact(
-        key="train-metrics",
-        table=[{k: _round(v) for k, v in row.items() if k != "checkpoint"} for row in metrics],
-        description=f"BVPO training (alpha={config.train.alpha}); checkpoint: {out.checkpoint}",
-    )
+    train_artifacts(config, out, metrics, training_plot_task(config, out.metrics))
     if out.grad_stats is not None:  # the gradient probe ran (alpha: auto or train.probe.enabled)
-        _grad_stats_artifacts(config, out.grad_stats, out.metrics)
-    create_table_artifact(
-        key=CHECKPOINT_ARTIFACT,
-        table=[
-            {"train_metrics": out.metrics.qualified, "name": out.metrics.name, "checkpoint": out.checkpoint}
-        ],
-        description="The checkpoint this run trained (the evaluate deployment reads it from here).",
-    )
-    create_markdown_artifact(key="train-summary", markdown=_train_markdown(config, out, metrics))
+        plot = grad_stats_plot_task(config, out.grad_stats, out.metrics)
+        grad_stats_artifacts(config, out.grad_stats, plot)
     return out
 
 
@@ -161,18 +150,8 @@ def evaluate(
         + f" on the eval split of {prompts.name}"
     )
     results = evaluate_task(config, prompts, target.checkpoint, parent, others)
-    rows = read_rows(config, results)
-    create_table_artifact(
-        key="eval-results",
-        table=[{k: _round(v) for k, v in row.items()} for row in rows],
-        description="Evaluation on the eval split (95% bootstrap intervals over prompts).",
-    )
     report_md, chart = eval_report_task(config, results)
-    create_markdown_artifact(
-        key="eval-summary",
-        markdown=_eval_markdown(target.checkpoint, parent, rows)
-        + f"\n\n![scores]({_data_uri(chart)})\n\nReport: `{report_md}`, chart: `{chart}`",
-    )
+    eval_artifacts(target.checkpoint, parent, read_rows(config, results), report_md, chart)
     return results
 
 
@@ -311,170 +290,3 @@ def _checkpoint_of_run(train_run_id: str) -> str:
         if rows:
             return str(rows[0]["train_metrics"])
     raise ValueError(f"flow run {run_id} recorded no trained checkpoint (artifact '{CHECKPOINT_ARTIFACT}')")
-
-
-def build_summary(
-    config: PipelineConfig,
-    data: DataRefreshOutput,
-    train: TrainOutput,
-    results: DatasetRef,
-    baselines: dict[str, TrainOutput] | None = None,
-) -> dict[str, Any]:
-    """What a user wants at the end of a run: rows, pairs per mode, loss, eval scores and where things are."""
-    metrics = read_rows(config, train.metrics)
-    evals = read_rows(config, results)
-    scores = {(r["model_label"], r["mode"]): r for r in evals if r["metric"] == "score"}
-    labels = _eval_labels({label for label, _ in scores})
-    datasets = [
-        data.prompts,
-        data.generations,
-        data.scores,
-        data.pairs_trace,
-        data.pairs_empty,
-        data.ref_logps,
-    ]
-    return {
-        "datasets": {
-            ref.kind: {"name": ref.name, "rows": ref.row_count} for ref in [*datasets, train.metrics, results]
-        },
-        "pairs": {"trace": data.pairs_trace.row_count, "empty": data.pairs_empty.row_count},
-        "loss": {"first": metrics[0]["loss"], "last": metrics[-1]["loss"], "steps": len(metrics)},
-        "weight_delta_l2": train.weight_delta_l2,
-        "eval": {
-            mode: {label: scores[(label, mode)]["value"] for label in labels if (label, mode) in scores}
-            for mode in ("trace", "empty")
-        },
-        "baselines": {name: b.checkpoint for name, b in (baselines or {}).items()},
-        "checkpoint": train.checkpoint,
-        "paths": {k: str(v) for k, v in workspace_paths(config).items()},
-    }
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    lines = ["# BVPO run summary", "", "| dataset | version | rows |", "|---|---|---|"]
-    lines += [f"| {kind} | {d['name']} | {d['rows']} |" for kind, d in summary["datasets"].items()]
-    lines += [
-        "",
-        f"Pairs: D_t (trace) {summary['pairs']['trace']}, D_e (empty) {summary['pairs']['empty']}.",
-        f"Loss: {summary['loss']['first']:.4f} → {summary['loss']['last']:.4f} "
-        f"over {summary['loss']['steps']} steps.",
-    ]
-    labels = _eval_labels({label for values in summary["eval"].values() for label in values})
-    lines += ["", "| mode | " + " | ".join(f"{label} score" for label in labels) + " |"]
-    lines.append("|---|" + "---|" * len(labels))
-    for mode, values in summary["eval"].items():
-        lines.append(f"| {mode} | " + " | ".join(_fmt(values.get(label)) for label in labels) + " |")
-    lines += ["", f"Checkpoint: `{summary['checkpoint']}`", f"Catalog: `{summary['paths']['catalog']}`"]
-    return "\n".join(lines)
-
-
-def _registered_here(config: PipelineConfig, refs: list[DatasetRef]) -> set[str]:
-    """Names of the datasets among ``refs`` that this flow run registered (the others were reused)."""
-    run_id = flow_run.id
-    if not run_id:
-        return set()
-    wanted = {ref.name for ref in refs}
-    rows = DatasetStore(config.workspace).catalog.list_datasets()
-    return {r["name"] for r in rows if r["name"] in wanted and r["flow_run_id"] == str(run_id)}
-
-
-def _datasets_artifact(refs: list[DatasetRef], key: str, new: set[str] | None = None) -> None:
-    create_table_artifact(
-        key=key,
-        table=[
-            {
-                "dataset": r.name,
-                "kind": r.kind,
-                "version": r.version,
-                "rows": r.row_count,
-                **({} if new is None else {"status": "registered" if r.name in new else "reused"}),
-            }
-            for r in refs
-        ],
-        description='Datasets of this run; query them with `bvpo sql "select * from <kind>"`.',
-    )
-
-
-def _refresh_markdown(out: DataRefreshOutput, new: set[str]) -> str:
-    refs = [out.prompts, out.generations, out.scores, out.pairs_trace, out.pairs_empty, out.ref_logps]
-    lines = [
-        "# Data refresh",
-        "",
-        f"{len(new)} dataset(s) registered by this run, {len(refs) - len(new)} reused from the catalog.",
-        "",
-        "| dataset | rows | |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {r.name} | {r.row_count} | {'new' if r.name in new else 'reused'} |" for r in refs]
-    lines += [
-        "",
-        f"Pairs: D_t (reasoning on) {out.pairs_trace.row_count}, "
-        f"D_e (reasoning off) {out.pairs_empty.row_count}.",
-    ]
-    return "\n".join(lines)
-
-
-def _train_markdown(config: PipelineConfig, out: TrainOutput, metrics: list[dict[str, Any]]) -> str:
-    lines = [
-        "# BVPO training",
-        "",
-        f"alpha = {config.train.alpha}, beta = {config.train.beta}, {len(metrics)} step(s).",
-    ]
-    if metrics:
-        lines.append(f"Loss: {metrics[0]['loss']:.4f} → {metrics[-1]['loss']:.4f}.")
-    lines += [
-        "",
-        f"Metrics: `{out.metrics.name}`. Checkpoint: `{out.checkpoint}`.",
-        "",
-        f'Inspect: `bvpo sql -w {config.workspace} "select * from {out.metrics.name}"`',
-    ]
-    return "\n".join(lines)
-
-
-def _eval_markdown(checkpoint: str, parent: DatasetRef, rows: list[dict[str, Any]]) -> str:
-    from pipeline.evaluation.report import comparison_markdown
-
-    return "\n".join(
-        [
-            "# Evaluation",
-            "",
-            f"Checkpoint `{checkpoint}` (from `{parent.name}`, label `trained`) against the reference "
-            "model; value [95% bootstrap interval over prompts].",
-            "",
-            comparison_markdown(rows),
-        ]
-    )
-
-
-def _eval_labels(found: set[str]) -> list[str]:
-    """Model labels in report order: reference, trained, then the baselines."""
-    first = [label for label in ("reference", "trained") if label in found]
-    return first + sorted(found - set(first))
-
-
-def _grad_stats_artifacts(config: PipelineConfig, grad_stats: DatasetRef, metrics: DatasetRef) -> None:
-    """α̂* over steps and tr Var_r[g_t] vs tr Var_r[g_c] (plot), and the grad_stats rows (table)."""
-    plot = grad_stats_plot_task(config, grad_stats, metrics)
-    create_markdown_artifact(
-        key="grad-stats-plot",
-        markdown="# α̂* and the trace-induced variance BVPO removes\n\n"
-        f"![gradient probe]({_data_uri(plot)})\n\nPNG: `{plot}`. "
-        f'Rows: `bvpo sql -w {config.workspace} "select * from {grad_stats.name}"`',
-    )
-    create_table_artifact(
-        key="grad-stats",
-        table=[{k: _round(v) for k, v in row.items()} for row in read_rows(config, grad_stats)],
-        description="Gradient probe: α̂* (95% CI), tr Var_r[g_t] vs tr Var_r[g_c], biases, MSE vs Ĝ.",
-    )
-
-
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def _round(value: Any) -> Any:
-    return round(value, 5) if isinstance(value, float) else value
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
