@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from pipeline.config import TrainConfig
 from pipeline.training.loss import BVPOLoss, DPOOutput, PreferenceLogps
 from pipeline.training.modeling import autocast
+from pipeline.training.packing import PackedPairs, pack_pairs, packed_logps, shares_prefix
 from pipeline.training.sampling import PairSampler, pairs_per_mode
-from pipeline.training.sequences import SequenceBatch, TokenizedPair, pairs_batch, sequence_logps
+from pipeline.training.sequences import TokenizedPair
 
 if TYPE_CHECKING:
     from pipeline.training.grad_probe import GradProbe
@@ -68,7 +69,8 @@ class RefPair:
 class PolicyLogps(nn.Module):
     """One forward call computing the summed response log-probs of a D_t batch and a D_e batch.
 
-    Wrapping both modes in one module call lets DDP see a single forward per backward.
+    Wrapping both modes in one module call lets DDP see a single forward per backward. Each batch is a
+    packed, prefix-shared layout (packing.py): one prompt forward per pair, no padding.
     """
 
     def __init__(self, model: nn.Module, full_forward: bool = False) -> None:
@@ -77,10 +79,10 @@ class PolicyLogps(nn.Module):
         self.full_forward = full_forward  # FSDP: go through the root module so its hooks gather weights
 
     def forward(
-        self, trace: SequenceBatch | None, empty: SequenceBatch | None
+        self, trace: PackedPairs | None, empty: PackedPairs | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        logps_t = sequence_logps(self.model, trace, self.full_forward) if trace is not None else None
-        logps_e = sequence_logps(self.model, empty, self.full_forward) if empty is not None else None
+        logps_t = packed_logps(self.model, trace, self.full_forward) if trace is not None else None
+        logps_e = packed_logps(self.model, empty, self.full_forward) if empty is not None else None
         return logps_t, logps_e
 
 
@@ -169,6 +171,12 @@ class BVPOTrainer:
         batch = [data[i] for i in sampler.next_batch()]
         return batch[self.rank :: self.world_size]
 
+    def _pack(self, batch: list[RefPair] | None) -> PackedPairs | None:
+        """The padding-free layout of ``batch`` (prompt shared by both responses where attention allows)."""
+        if not batch:
+            return None
+        return pack_pairs([p.tokens for p in batch], self.pad_id, shared_prefix=shares_prefix(self.model))
+
     def _prefs(self, logps: torch.Tensor | None, batch: list[RefPair] | None) -> PreferenceLogps | None:
         if logps is None or batch is None:
             return None
@@ -192,8 +200,8 @@ class BVPOTrainer:
         for micro in range(accum):
             batch_t = self._local(self.data_t, self.sampler_t)
             batch_e = self._local(self.data_e, self.sampler_e)
-            seq_t = pairs_batch([p.tokens for p in batch_t], self.pad_id) if batch_t else None
-            seq_e = pairs_batch([p.tokens for p in batch_e], self.pad_id) if batch_e else None
+            seq_t = self._pack(batch_t)
+            seq_e = self._pack(batch_e)
             mode_tokens["trace"] += seq_t.num_tokens if seq_t else 0
             mode_tokens["empty"] += seq_e.num_tokens if seq_e else 0
             tokens += (seq_t.num_tokens if seq_t else 0) + (seq_e.num_tokens if seq_e else 0)
