@@ -78,9 +78,8 @@ def require_token_columns(columns: Iterable[str], dataset: str, kind: str = "pai
     if missing:
         raise TokenFormatError(
             f"{dataset} has no {', '.join(missing)}: it was written by an older version of this pipeline "
-            "that stored text only, and training now scores the exact token ids the sampler produced. Re-run the "
-            "data refresh (`bvpo run` or `bvpo refresh`; it regenerates, the old datasets stay readable) "
-            "or use a new workspace."
+            "that stored text only, and training now scores the exact token ids the sampler produced. "
+            "Re-run the data refresh (it regenerates; the old datasets stay readable) or use a new workspace."
         )
 
 
