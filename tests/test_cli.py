@@ -183,16 +183,16 @@ def _report(run: SyntheticRun, *args: str) -> typer.testing.Result:
     "selector", [EVAL_RUN, TRAIN_RUN[:8], "latest", "eval_results__v1", "train_metrics__v1", "train_metrics"]
 )
 def test_a_run_is_found_from_any_of_its_handles(run: SyntheticRun, selector: str) -> None:
-    from pipeline.reporting.run_report import CatalogView, resolve_run
     from storage import DatasetStore
+    from storage.runs import CatalogView, resolve_run
 
     view = CatalogView(DatasetStore(run.workspace))
     assert resolve_run(view, selector).name == "eval_results__v1"  # training extends to its evaluation
 
 
 def test_unknown_ambiguous_and_too_short_run_ids_are_refused(run: SyntheticRun, tmp_path: Path) -> None:
-    from pipeline.reporting.run_report import CatalogView, RunNotFound, resolve_run
     from storage import DatasetStore, schema_for
+    from storage.runs import CatalogView, RunNotFound, resolve_run
 
     view = CatalogView(DatasetStore(run.workspace))
     with pytest.raises(RunNotFound, match=r"no dataset .* flow run 'deadbeef'"):

@@ -1,4 +1,7 @@
-"""Tokenized preference pairs and summed response log-probabilities ``log π(response | prompt)``."""
+"""Batches of token sequences and summed response log-probabilities ``log π(response | prompt)``.
+
+The sequences themselves come from :mod:`pipeline.training.encoding` (the stored ids, never re-tokenized).
+"""
 
 from __future__ import annotations
 
@@ -11,35 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    """One preference pair: prompt ids and the two response ids (response ends with EOS)."""
-
-    pair_id: str
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    truncated: bool
-
-
-def tokenize_pair(tokenizer: Any, pair: dict[str, Any], max_length: int) -> TokenizedPair:
-    """Tokenize prompt and responses separately (so the prompt/response boundary is exact).
-
-    Responses longer than the room left by the prompt are cut from the right; a prompt longer than half of
-    ``max_length`` is cut from the left so both responses keep some tokens.
-    """
-    prompt_ids: list[int] = tokenizer(pair["prompt_text"], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    chosen = tokenizer(pair["chosen_response"], add_special_tokens=False)["input_ids"] + eos
-    rejected = tokenizer(pair["rejected_response"], add_special_tokens=False)["input_ids"] + eos
-    truncated = False
-    if len(prompt_ids) > max_length // 2:
-        prompt_ids, truncated = prompt_ids[-(max_length // 2) :], True
-    room = max_length - len(prompt_ids)
-    if len(chosen) > room or len(rejected) > room:
-        chosen, rejected, truncated = chosen[:room], rejected[:room], True
-    return TokenizedPair(pair["pair_id"], prompt_ids, chosen, rejected, truncated)
+from pipeline.training.encoding import TokenizedPair
 
 
 @dataclass(frozen=True)
@@ -103,6 +78,16 @@ def _token_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torc
     return torch.cat(chunks) if chunks else hidden.new_zeros(0)
 
 
+def response_token_logps(model: Any, batch: SequenceBatch, full_forward: bool = False) -> list[torch.Tensor]:
+    """The log-prob of every response token of each sequence, in order: ``N`` tensors of ``[R_i]``.
+
+    The same computation as :func:`sequence_logps` (whose result is their sums); used by the reference pass
+    to compare with the sampler's per-token log-probs (docs/method.md §Token-exact sequences).
+    """
+    token_logps, rows = _response_logps(model, batch, full_forward)
+    return [token_logps[rows == i] for i in range(batch.input_ids.shape[0])]
+
+
 def sequence_logps(model: Any, batch: SequenceBatch, full_forward: bool = False) -> torch.Tensor:
     """Summed log-probs of the response tokens of each sequence: ``[N]``.
 
@@ -110,6 +95,16 @@ def sequence_logps(model: Any, batch: SequenceBatch, full_forward: bool = False)
     projection of the prompt is skipped), in checkpointed chunks to bound memory. ``full_forward`` calls the
     model itself instead (needed when wrappers such as FSDP act in the root module's forward).
     """
+    token_logps, rows = _response_logps(model, batch, full_forward)
+    return torch.zeros(
+        batch.input_ids.shape[0], device=token_logps.device, dtype=token_logps.dtype
+    ).index_add(0, rows, token_logps)
+
+
+def _response_logps(
+    model: Any, batch: SequenceBatch, full_forward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of all response tokens ``[M]`` (row-major) and the sequence each belongs to ``[M]``."""
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     attention = batch.attention_mask.to(device)
@@ -125,6 +120,4 @@ def sequence_logps(model: Any, batch: SequenceBatch, full_forward: bool = False)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][predict]
         token_logps = _chunk_logps(nn.Identity(), logits, targets)
     rows = torch.arange(input_ids.shape[0], device=device).unsqueeze(1).expand_as(predict)[predict]
-    return torch.zeros(input_ids.shape[0], device=device, dtype=token_logps.dtype).index_add(
-        0, rows, token_logps
-    )
+    return token_logps, rows
