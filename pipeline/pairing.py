@@ -1,4 +1,4 @@
-"""Pairing: best vs worst final answer per prompt and mode, in DuckDB SQL (DESIGN.md §2, 'pair').
+"""Pairing: best vs worst final answer per prompt and mode, in DuckDB SQL (docs/method.md §Pipeline).
 
 Mode ``trace`` gives D_t = {(x, r⁺, y⁺, r⁻, y⁻)}; mode ``empty`` gives D_e = {(x, y'⁺, y'⁻)}. Per prompt and
 mode, an answer is usable when its score is finite (NaN, ±inf and missing scores are not, and are reported).
@@ -9,6 +9,11 @@ best and worst score the same (``tie``), the margin is below ``min_margin`` (``l
 have the same text (``identical``) or the chosen answer is more than ``max_length_ratio`` times longer than
 the rejected one (``length_ratio``). Every drop is returned as a reject, and a stats table (per mode: pairs,
 drops by reason, unusable answers, margin distribution) is returned for display.
+
+An answer cut at ``max_answer_tokens`` (``finish_reason = 'length'``) may be rejected but not chosen unless
+``allow_cut_chosen``: each cut answer that scored above the chosen one (or would have been the only choice) is
+a reject with that reason. A pair carries the token ids of its prompt and of both responses, exactly as
+sampled (docs/method.md §Token-exact sequences).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.config import PairingConfig
+from pipeline.training.encoding import require_token_columns
 
 DROP_CODES = ("too_few", "tie", "low_margin", "identical", "length_ratio")
 """Reasons a prompt/mode yields no pair, in the order they are tested."""
@@ -33,7 +39,11 @@ WITH candidates AS (
         s.score IS NULL AS unscored,
         s.score IS NOT NULL AND NOT isfinite(s.score) AS nonfinite,
         coalesce(isfinite(s.score), false) AS usable,
-        coalesce(isfinite(s.score), false) AND g.parse_ok AS may_choose,
+        coalesce(isfinite(s.score), false) AND g.parse_ok AS wellformed,
+        coalesce(isfinite(s.score), false) AND g.parse_ok
+            AND (g.finish_reason <> 'length' OR $allow_cut_chosen) AS may_choose,
+        coalesce(isfinite(s.score), false) AND g.parse_ok
+            AND g.finish_reason = 'length' AND NOT $allow_cut_chosen AS cut_wellformed,
         coalesce(isfinite(s.score), false) AND (g.parse_ok OR NOT $rejected_must_parse) AS may_reject
     FROM generations AS g LEFT JOIN (SELECT generation_id, score FROM scores) AS s USING (generation_id)
 )
@@ -43,6 +53,7 @@ SELECT prompt_id, mode,
     count(*) FILTER (WHERE nonfinite) AS n_nonfinite,
     count(*) FILTER (WHERE unscored) AS n_unscored,
     count(*) FILTER (WHERE may_choose) AS n_wellformed,
+    count(*) FILTER (WHERE cut_wellformed) AS n_cut,
     count(*) FILTER (WHERE may_reject) AS num_candidates,
     arg_min(generation_id, (-score, generation_id)) FILTER (WHERE may_choose) AS chosen_generation_id,
     max(score) FILTER (WHERE may_choose) AS chosen_score,
@@ -58,6 +69,8 @@ WITH joined AS (
     SELECT p.*, p.chosen_score - p.rejected_score AS margin,
         c.prompt_text, c.response_text AS chosen_response, c.answer AS chosen_answer,
         r.response_text AS rejected_response, r.answer AS rejected_answer,
+        c.prompt_token_ids, c.response_token_ids AS chosen_token_ids,
+        r.response_token_ids AS rejected_token_ids,
         {chosen_len} AS chosen_len, {rejected_len} AS rejected_len
     FROM pair_groups AS p
     LEFT JOIN generations AS c ON c.generation_id = p.chosen_generation_id
@@ -79,7 +92,9 @@ FROM joined
 _REASON_SQL = """
 CASE drop_code
     WHEN 'too_few' THEN
-        CASE WHEN n_wellformed = 0 AND num_candidates >= 2 THEN 'no well-formed answer to choose'
+        CASE WHEN n_wellformed = 0 AND n_cut > 0 AND num_candidates >= 2
+            THEN 'no well-formed answer to choose: every one was cut at max_answer_tokens'
+        WHEN n_wellformed = 0 AND num_candidates >= 2 THEN 'no well-formed answer to choose'
         ELSE 'fewer than 2 usable answers' END
         || printf(' (%d generated: %d malformed, %d with a non-finite score, %d unscored)',
             n_generations, n_malformed, n_nonfinite, n_unscored)
@@ -94,7 +109,8 @@ END
 _PAIRS_SQL = """
 SELECT pair_id, prompt_id, mode, prompt_text, chosen_response, rejected_response, chosen_answer,
     rejected_answer, chosen_score, rejected_score, margin, chosen_generation_id, rejected_generation_id,
-    CAST(num_candidates AS INTEGER) AS num_candidates, length_ratio
+    CAST(num_candidates AS INTEGER) AS num_candidates, length_ratio,
+    prompt_token_ids, chosen_token_ids, rejected_token_ids
 FROM pair_decisions
 WHERE drop_code IS NULL AND mode = $mode
 ORDER BY prompt_id
@@ -118,6 +134,18 @@ WHERE NOT isfinite(s.score)
 ORDER BY g.generation_id
 """
 
+_CUT_SQL = """
+SELECT g.generation_id AS row_key,
+    printf('answer cut at max_answer_tokens (%d tokens, finish_reason length): not eligible as chosen '
+        || '(pairing.allow_cut_chosen)', g.answer_tokens) AS reason,
+    to_json(struct_pack(g.prompt_id, g.mode, s.score, chosen_score := d.chosen_score)) AS payload
+FROM generations AS g JOIN scores AS s USING (generation_id)
+JOIN pair_decisions AS d ON d.prompt_id = g.prompt_id AND d.mode = g.mode
+WHERE NOT $allow_cut_chosen AND g.finish_reason = 'length' AND g.parse_ok AND isfinite(s.score)
+    AND (d.chosen_score IS NULL OR s.score > d.chosen_score)
+ORDER BY g.generation_id
+"""
+
 _STATS_SQL = """
 WITH modes AS (SELECT * FROM (VALUES ('trace'), ('empty')) AS m(mode) UNION SELECT mode FROM pair_decisions)
 SELECT m.mode,
@@ -128,6 +156,7 @@ SELECT m.mode,
     count(d.pair_id) FILTER (WHERE d.drop_code = 'low_margin') AS dropped_low_margin,
     count(d.pair_id) FILTER (WHERE d.drop_code = 'identical') AS dropped_identical,
     count(d.pair_id) FILTER (WHERE d.drop_code = 'length_ratio') AS dropped_length_ratio,
+    coalesce(sum(d.n_cut), 0)::BIGINT AS cut_answers,
     coalesce(sum(d.n_generations), 0)::BIGINT AS generations,
     coalesce(sum(d.n_malformed), 0)::BIGINT AS malformed,
     coalesce(sum(d.n_nonfinite), 0)::BIGINT AS nonfinite_scores,
@@ -160,11 +189,12 @@ def build_pairs(generations: pa.Table, scores: pa.Table, config: PairingConfig) 
     """Pair generations by score; return D_t, D_e, the reasons for every prompt/mode left out and stats.
 
     ``generations`` needs ``generation_id``, ``prompt_id``, ``mode``, ``prompt_text``, ``response_text``,
-    ``answer``, ``parse_ok`` (and ``answer_tokens`` when ``length_unit`` is 'tokens'); ``scores`` needs
-    ``generation_id`` and ``score``.
+    ``answer``, ``parse_ok``, ``answer_tokens``, ``finish_reason`` and the token ids ``prompt_token_ids``,
+    ``response_token_ids``; ``scores`` needs ``generation_id`` and ``score``.
     """
     needed = {"generation_id", "prompt_id", "mode", "prompt_text", "response_text", "answer", "parse_ok"}
-    needed |= {"answer_tokens"} if config.length_unit == "tokens" else set()
+    needed |= {"answer_tokens", "finish_reason", "prompt_token_ids", "response_token_ids"}
+    require_token_columns(generations.column_names, "the generations dataset", kind="generations")
     for name, table, columns in (
         ("generations", generations, needed),
         ("scores", scores, {"generation_id", "score"}),
@@ -179,7 +209,8 @@ def build_pairs(generations: pa.Table, scores: pa.Table, config: PairingConfig) 
     try:
         conn.register("generations", generations)
         conn.register("scores", scores)
-        conn.execute(_GROUPS_SQL, {"rejected_must_parse": config.rejected_must_parse})
+        cut = {"allow_cut_chosen": config.allow_cut_chosen}
+        conn.execute(_GROUPS_SQL, {"rejected_must_parse": config.rejected_must_parse} | cut)
         params = {"min_margin": float(config.min_margin), "max_length_ratio": ratio}
         conn.execute(decided_sql, params)
         trace, empty = (
@@ -187,10 +218,13 @@ def build_pairs(generations: pa.Table, scores: pa.Table, config: PairingConfig) 
         )
         dropped = conn.sql(_DROPPED_SQL, params=params).to_arrow_table()
         unusable = conn.sql(_UNUSABLE_SQL).to_arrow_table()
+        cut_rows = conn.sql(_CUT_SQL, params=cut).to_arrow_table()
         stats = conn.sql(_STATS_SQL).to_arrow_table().to_pylist()
     finally:
         conn.close()
-    rejects = [{"stage": "pair", **row} for row in pa.concat_tables([dropped, unusable]).to_pylist()]
+    rejects = [
+        {"stage": "pair", **row} for row in pa.concat_tables([dropped, unusable, cut_rows]).to_pylist()
+    ]
     return PairingResult(
         pairs_trace=_non_null(trace), pairs_empty=_non_null(empty), rejects=rejects, stats=stats
     )

@@ -26,6 +26,10 @@ _PAIR_FIELDS = [
     pa.field("rejected_generation_id", pa.string(), nullable=False),
     pa.field("num_candidates", pa.int32()),  # usable answers the pair was chosen from
     pa.field("length_ratio", pa.float64()),  # chosen / rejected answer length (PairingConfig.length_unit)
+    # Token-exact sequences (docs/method.md §Token-exact sequences): what training scores, as sampled.
+    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("chosen_token_ids", pa.list_(pa.int32()), nullable=False),  # trace block + answer (+ EOS)
+    pa.field("rejected_token_ids", pa.list_(pa.int32()), nullable=False),
 ]
 
 _GENERATION_FIELDS = [
@@ -53,6 +57,21 @@ _GENERATION_FIELDS = [
     pa.field("engine", pa.string()),  # "vllm" (in-process) | "openai" (served, over HTTP)
     pa.field("shard_index", pa.int32()),  # the generation shard the row was sampled in
     pa.field("seed", pa.int64()),  # engine seed of that shard (None: a served engine, seeded by its owner)
+    # Token-exact sequences (docs/method.md §Token-exact sequences); the text columns above are decoded
+    # from these ids.
+    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),  # as fed to the engine
+    pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),  # everything after the prompt
+    # One code per response token: 0 prefilled, 1 sampled trace, 2 forced, 3 sampled answer, 4 EOS.
+    pa.field("response_segments", pa.list_(pa.int8()), nullable=False),
+    pa.field("eos_emitted", pa.bool_(), nullable=False),  # the model ended the response itself
+    # The engine's raw log-prob of each response token (NaN where not sampled); None in 'processed' mode.
+    pa.field("sampler_logprobs", pa.list_(pa.float32())),
+    # Log-prob under the distribution actually sampled from (temperature, top-p; 0 where prefilled or
+    # forced), where the engine gave it (GenerationConfig.logprobs_mode 'processed'), else None.
+    pa.field("sampler_processed_logprobs", pa.list_(pa.float32())),
+    pa.field("temperature", pa.float64()),  # sampling settings of the row (q can be recomputed from them)
+    pa.field("top_p", pa.float64()),
+    pa.field("logprobs_mode", pa.string()),
 ]
 
 _SCORE_FIELDS = [
@@ -92,6 +111,23 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("ref_rejected_logp", pa.float64(), nullable=False),
             pa.field("chosen_tokens", pa.int32(), nullable=False),
             pa.field("rejected_tokens", pa.int32(), nullable=False),
+            pa.field("prompt_tokens", pa.int32()),  # prompt tokens scored (after any left cut)
+            pa.field("prompt_cut", pa.int32()),  # prompt tokens cut from the left (train.truncation)
+        ]
+    ),
+    # Sampler/trainer agreement (docs/method.md §Token-exact sequences): per mode and segment, the reference
+    # pass's log-prob of each sampled token against the engine's raw log-prob of the same token.
+    "logp_agreement": pa.schema(
+        [
+            pa.field("mode", pa.string(), nullable=False),
+            pa.field("segment", pa.string(), nullable=False),  # trace | answer | eos | all
+            pa.field("ref_model", pa.string(), nullable=False),
+            pa.field("sampler_dtype", pa.string()),  # generation.dtype of the engine
+            pa.field("tokens", pa.int64(), nullable=False),
+            pa.field("mean_abs_delta", pa.float64()),  # mean |ref − sampler| (nats)
+            pa.field("mean_delta", pa.float64()),  # mean (ref − sampler)
+            pa.field("p99_abs_delta", pa.float64()),
+            pa.field("max_abs_delta", pa.float64()),
         ]
     ),
     "train_metrics": pa.schema(

@@ -40,7 +40,24 @@ def _table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
+def _ids(text: str) -> list[int]:
+    """Stand-in token ids for synthetic rows (one per character)."""
+    return [ord(c) % 251 for c in text]
+
+
 def _generation(prompt: dict[str, Any], mode: str, i: int, rng: random.Random) -> dict[str, Any]:
+    row = _text_generation(prompt, mode, i, rng)
+    response = _ids(row["response_text"])
+    return row | {
+        "prompt_token_ids": _ids(row["prompt_text"]),
+        "response_token_ids": response,
+        "response_segments": [3] * len(response),
+        "eos_emitted": row["finish_reason"] == "stop",
+        "sampler_logprobs": [-1.0] * len(response),
+    }
+
+
+def _text_generation(prompt: dict[str, Any], mode: str, i: int, rng: random.Random) -> dict[str, Any]:
     trace_tokens = rng.choice([20, 64, 128]) if mode == "trace" else 0
     budget = trace_tokens == 128
     return {
@@ -154,6 +171,9 @@ def build_workspace(workspace: Path, num_prompts: int = 16, steps: int = 6) -> S
                 "rejected_generation_id": worst[0]["generation_id"],
                 "num_candidates": len(candidates),
                 "length_ratio": 1.0,
+                "prompt_token_ids": best[0]["prompt_token_ids"],
+                "chosen_token_ids": best[0]["response_token_ids"],
+                "rejected_token_ids": worst[0]["response_token_ids"],
             }
         )
     if rejects:

@@ -1,5 +1,7 @@
 """The in-process vLLM engine behind a small interface (``tokenizer``, ``complete``, ``reseed``).
 
+Token in, token out (docs/method.md §Token-exact sequences): prompts are token-id lists, completions come back
+as the token ids the engine sampled with the log-prob of each one, so nothing is re-tokenized downstream.
 The HTTP engine for a served vLLM (:mod:`pipeline.generation.openai_engine`) has the same interface.
 """
 
@@ -28,10 +30,23 @@ class SamplingSpec:
 
 @dataclass(frozen=True)
 class Completion:
+    """One sampled continuation.
+
+    ``token_ids``: every token the engine sampled, in order (a stop string's tokens and an end-of-sequence
+    token included); ``logprobs``: the engine's log-prob of each of them (``None`` when the engine gave
+    none), raw (before temperature / top-p) or processed, as the engine was configured
+    (``GenerationConfig.logprobs_mode``).
+    """
+
     text: str
-    token_count: int
+    token_ids: tuple[int, ...]
     finish_reason: str  # "stop" | "length"
     stop_reason: str | None  # the stop string that ended it, None for end-of-sequence
+    logprobs: tuple[float, ...] | None = None
+
+    @property
+    def token_count(self) -> int:
+        return len(self.token_ids)
 
 
 def on_gpu() -> bool:
@@ -78,9 +93,9 @@ class VLLMEngine:
         self._llm.collective_rpc("bvpo_reseed", args=(seed,))
         return seed
 
-    def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
-        """One list of ``spec.n`` completions per prompt, in order."""
-        from vllm import SamplingParams
+    def complete(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Completion]]:
+        """One list of ``spec.n`` completions per token-id prompt, in order."""
+        from vllm import SamplingParams, TokensPrompt
 
         params = [
             SamplingParams(
@@ -89,24 +104,15 @@ class VLLMEngine:
                 top_p=s.top_p if s.temperature > 0 else 1.0,
                 max_tokens=s.max_tokens,
                 stop=list(s.stop) or None,
+                include_stop_str_in_output=True,  # the text then matches the token ids
+                logprobs=0,  # the log-prob of each sampled token
             )
             for s in specs
         ]
-        outputs = self._generate(prompts, params)
-        return [
-            [
-                Completion(
-                    text=c.text,
-                    token_count=len(c.token_ids),
-                    finish_reason=str(c.finish_reason),
-                    stop_reason=c.stop_reason if isinstance(c.stop_reason, str) else None,
-                )
-                for c in out.outputs
-            ]
-            for out in outputs
-        ]
+        outputs = self._generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
+        return [[_completion(c) for c in out.outputs] for out in outputs]
 
-    def _generate(self, prompts: list[str], params: list[Any]) -> list[Any]:
+    def _generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:
         """``generate`` with every request queued before the first step.
 
         With vLLM's engine in its own process, the engine may start stepping while requests are still being
@@ -127,6 +133,21 @@ class VLLMEngine:
         finally:
             call("resume_scheduler")
         return list(self._llm.wait_for_completion(use_tqdm=True))
+
+
+def _completion(output: Any) -> Completion:
+    """A vLLM ``CompletionOutput`` as a :class:`Completion` (one log-prob per sampled token)."""
+    token_ids = tuple(int(t) for t in output.token_ids)
+    logprobs = None
+    if output.logprobs is not None and len(output.logprobs) == len(token_ids):
+        logprobs = tuple(float(step[t].logprob) for step, t in zip(output.logprobs, token_ids, strict=True))
+    return Completion(
+        text=output.text,
+        token_ids=token_ids,
+        finish_reason=str(output.finish_reason),
+        stop_reason=output.stop_reason if isinstance(output.stop_reason, str) else None,
+        logprobs=logprobs,
+    )
 
 
 @contextmanager
@@ -150,6 +171,7 @@ def open_vllm_engine(
         "trust_remote_code": trust_remote_code,
         "dtype": config.dtype,
         "worker_extension_cls": WORKER_EXTENSION,
+        "logprobs_mode": f"{config.logprobs_mode}_logprobs",
     }
     if gpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization

@@ -1,9 +1,10 @@
 """Token-length checks: a prompt is generated for only if the whole response fits the context window.
 
 A reasoning-on response needs the rendered prompt and prefilled open tag, up to ``max_trace_tokens`` of
-trace, the closing tag, and up to ``max_answer_tokens`` of answer, all within ``max_model_len``. Prompts
+trace, the forced close tag, and up to ``max_answer_tokens`` of answer, all within ``max_model_len``. Prompts
 that cannot fit are rejected with a reason before any engine starts (vLLM would fail the whole batch).
-Tokens are counted as the engine counts a text prompt (special tokens added).
+Each prompt is rendered and tokenized here once per mode; the ids travel with the prompt (key
+``PROMPT_IDS_KEY``) so the sampler feeds exactly these ids and never renders again.
 """
 
 from __future__ import annotations
@@ -15,39 +16,39 @@ from typing import Any
 from pipeline.config import GenerationConfig
 from pipeline.generation.reasoning import MODES, TraceFormat
 
+PROMPT_IDS_KEY = "prompt_token_ids"
+"""Key of a prompt dict holding ``{mode: rendered prompt ids}`` once the length check has tokenized it."""
 
-def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Token count of each text, as the engine tokenizes a text prompt."""
-    if not texts:
-        return []
-    return [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+
+def rendered_prompt_ids(tokenizer: Any, prompt: str, config: GenerationConfig) -> dict[str, list[int]]:
+    """The rendered prompt ids of each mode (docs/method.md §Token-exact sequences)."""
+    fmt = TraceFormat(config.reasoning)
+    return {mode: fmt.prompt_ids(tokenizer, prompt, mode) for mode in MODES}
 
 
 def prompt_token_needs(tokenizer: Any, prompts: Sequence[str], config: GenerationConfig) -> list[int]:
-    """Tokens each prompt needs before any sampled token: the longer mode, closing tag included."""
+    """Tokens each prompt needs before any sampled token: the longer mode, forced close tag included."""
+    return [_need(tokenizer, rendered_prompt_ids(tokenizer, p, config), config) for p in prompts]
+
+
+def _need(tokenizer: Any, ids: dict[str, list[int]], config: GenerationConfig) -> int:
     fmt = TraceFormat(config.reasoning)
-    needs = [0] * len(prompts)
-    for mode in MODES:
-        texts = [fmt.render_prompt(tokenizer, p, mode) + fmt.response_prefix(mode) for p in prompts]
-        counts = count_tokens(tokenizer, texts)
-        if mode == "trace":
-            closing = count_tokens(tokenizer, [f"\n{config.reasoning.close_tag}\n\n"])[0]
-            counts = [c + closing for c in counts]
-        needs = [max(a, b) for a, b in zip(needs, counts, strict=True)]
-    return needs
+    trace = len(ids["trace"]) + len(fmt.prefix_ids(tokenizer, "trace")) + len(fmt.forced_close_ids(tokenizer))
+    return max(trace, len(ids["empty"]) + len(fmt.prefix_ids(tokenizer, "empty")))
 
 
 def check_prompt_lengths(
     tokenizer: Any, prompts: Sequence[dict[str, Any]], config: GenerationConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(kept prompts, rejects)``: a prompt is kept when its tokens and both budgets fit the model."""
-    needs = prompt_token_needs(tokenizer, [p["prompt"] for p in prompts], config)
+    rendered = [rendered_prompt_ids(tokenizer, p["prompt"], config) for p in prompts]
+    needs = [_need(tokenizer, ids, config) for ids in rendered]
     budgets = config.max_trace_tokens + config.max_answer_tokens
     kept: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    for prompt, need in zip(prompts, needs, strict=True):
+    for prompt, need, ids in zip(prompts, needs, rendered, strict=True):
         if need + budgets <= config.max_model_len:
-            kept.append(prompt)
+            kept.append({**prompt, PROMPT_IDS_KEY: ids})
             continue
         reason = (
             f"prompt too long: {need} prompt tokens + max_trace_tokens {config.max_trace_tokens} + "

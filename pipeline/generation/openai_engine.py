@@ -1,10 +1,12 @@
 """The HTTP engine: a served vLLM (or another OpenAI-compatible server) through ``/completions``.
 
-It sends the rendered prompt text, exactly what the in-process engine gets, so the two-pass trace-budget
-logic of :mod:`pipeline.generation.sampler` runs unchanged. Requests run ``concurrency`` at a time (the
-server batches them); timeouts, connection errors, 429 and 5xx answers are retried with exponential
-backoff (``Retry-After`` is honoured); other 4xx answers fail at once. vLLM's ``return_token_ids`` and
-``stop_reason`` extensions give exact token counts and the stop string; without them the tokenizer counts.
+Token in, token out (docs/method.md §Token-exact sequences): the prompt is sent as token ids (vLLM's server
+accepts a list of ints as ``prompt``), exactly what the in-process engine gets, so the two-pass trace-budget
+logic of :mod:`pipeline.generation.sampler` runs unchanged. vLLM's ``return_token_ids`` extension gives the
+sampled ids and ``logprobs: 0`` the log-prob of each; ``include_stop_str_in_output`` keeps the close tag's
+tokens in the text. A server that returns no token ids is refused (its tokens would have to be guessed from
+text). Requests run ``concurrency`` at a time (the server batches them); timeouts, connection errors, 429 and
+5xx answers are retried with exponential backoff (``Retry-After`` honoured); other 4xx answers fail at once.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ class OpenAICompletionsEngine:
         """A served engine is seeded by whoever started it: nothing to do, no seed to record."""
         return None
 
-    def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
-        """One list of ``spec.n`` completions per prompt, in order (requests run concurrently)."""
+    def complete(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Completion]]:
+        """One list of ``spec.n`` completions per token-id prompt, in order (requests run concurrently)."""
         if len(prompts) != len(specs):
             raise ValueError(f"{len(prompts)} prompts but {len(specs)} sampling specs")
         model = self.model
@@ -142,15 +144,17 @@ class OpenAICompletionsEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _complete_one(self, model: str, prompt: str, spec: SamplingSpec) -> list[Completion]:
+    def _complete_one(self, model: str, prompt: list[int], spec: SamplingSpec) -> list[Completion]:
         payload: dict[str, Any] = {
             "model": model,
-            "prompt": prompt,
+            "prompt": list(prompt),
             "n": spec.n,
             "temperature": spec.temperature,
             "top_p": spec.top_p if spec.temperature > 0 else 1.0,
             "max_tokens": spec.max_tokens,
             "return_token_ids": True,
+            "logprobs": 0,
+            "include_stop_str_in_output": True,
         }
         if spec.stop:
             payload["stop"] = list(spec.stop)
@@ -168,16 +172,22 @@ class OpenAICompletionsEngine:
         if not isinstance(text, str):
             raise EndpointError(f"a completion choice has no text: {str(choice)[:300]}")
         token_ids = choice.get("token_ids")
-        if isinstance(token_ids, list):
-            count = len(token_ids)
-        else:
-            count = len(self._tokenizer.encode(text, add_special_tokens=False))
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids):
+            raise EndpointError(
+                f"{self.base_url}/completions returned no token ids (vLLM's return_token_ids): training "
+                f"needs the exact sampled ids, so only a vLLM server is supported: {str(choice)[:300]}"
+            )
+        logprobs = None
+        token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+        if isinstance(token_logprobs, list) and len(token_logprobs) == len(token_ids):
+            logprobs = tuple(float("nan") if v is None else float(v) for v in token_logprobs)
         stop_reason = choice.get("stop_reason")
         return Completion(
             text=text,
-            token_count=count,
+            token_ids=tuple(token_ids),
             finish_reason=str(choice.get("finish_reason") or "stop"),
             stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+            logprobs=logprobs,
         )
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
