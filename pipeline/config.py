@@ -363,7 +363,11 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer pairs are truncated.")
-    bf16: bool = Field(True, description="bf16 autocast where the hardware supports it.")
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bf16 autocast with fp32 master weights: 'auto' where it is fast (a GPU of compute "
+        "capability >= 8, a CPU with AMX or AVX512-BF16), true / false to force it.",
+    )
     sampling: Literal["cycle", "replacement"] = Field("cycle", description="How each mode's pairs are drawn.")
     checkpoint_every: int = Field(5, ge=0, description="Save a resumable state every N steps (0: never).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")

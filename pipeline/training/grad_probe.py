@@ -76,6 +76,7 @@ from pipeline.training.alpha_star import (
     trace_variance,
 )
 from pipeline.training.modeling import autocast
+from pipeline.training.precision import resolve_bf16
 from pipeline.training.sequences import collate
 
 HEAD_CHUNK = 256  # token positions per LM-head chunk
@@ -610,7 +611,7 @@ class GradProbe:
             raise ProbeDataError(f"every probe example needs the same even number (≥ 4) of traces: {counts}")
         self.settings = config.probe
         self.beta = config.beta
-        self.bf16 = config.bf16
+        self.bf16 = resolve_bf16(config.bf16)
         self.auto = config.alpha == "auto"
         self.examples = list(examples)
         self.num_traces = counts.pop()

@@ -29,9 +29,11 @@ def bf16_supported() -> bool:
     return True
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on the model's device when enabled and supported, else a no-op."""
-    if not enabled or not bf16_supported():
+def autocast(enabled: bool | str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the model's device when enabled (``"auto"``: where fast) and supported, else no-op."""
+    from pipeline.training.precision import resolve_bf16
+
+    if not resolve_bf16(enabled) or not bf16_supported():
         return contextlib.nullcontext()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
