@@ -58,15 +58,9 @@ def report(
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
-    from pipeline.reporting.run_report import (
-        REPORT_STEPS,
-        CatalogView,
-        RunNotFound,
-        default_report_dir,
-        resolve_run,
-        write_run_report,
-    )
+    from pipeline.reporting.run_report import REPORT_STEPS, default_report_dir, write_run_report
     from storage import DatasetStore
+    from storage.runs import CatalogView, RunNotFound, resolve_run
 
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), console=err, transient=True

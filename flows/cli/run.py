@@ -78,8 +78,9 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def _report_after_run(cfg: PipelineConfig, eval_results: str, flow_run_id: str) -> None:
     """Write the report of the run that just finished; a failure here only warns (the run succeeded)."""
-    from pipeline.reporting.run_report import CatalogView, default_report_dir, write_run_report
+    from pipeline.reporting.run_report import default_report_dir, write_run_report
     from storage import DatasetStore
+    from storage.runs import CatalogView
 
     try:
         store = DatasetStore(cfg.workspace)
