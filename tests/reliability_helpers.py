@@ -26,12 +26,11 @@ ARTIFACTS: list[dict[str, Any]] = []
 class DigitEngine(ScriptedEngine):
     """Answers 'The answer is <d>.', d in 1..3 drawn from (seed, prompt, sample): some right, some wrong."""
 
-    def _one(self, prompt: str, spec: SamplingSpec, index: int) -> Completion:
+    def _one(self, prompt: list[int], spec: SamplingSpec, index: int) -> Completion:
         if spec.stop:
             return super()._one(prompt, spec, index)
-        tag = hashlib.sha256(f"{self._seed}|{prompt}|{index}".encode()).hexdigest()
-        text = f"The answer is {int(tag[:8], 16) % 3 + 1}."
-        return Completion(text, len(text.split()), "stop", None)
+        tag = hashlib.sha256(f"{self._seed}|{self.text(prompt)}|{index}".encode()).hexdigest()
+        return self.completion(f"The answer is {int(tag[:8], 16) % 3 + 1}.", "stop", None, spec.max_tokens)
 
 
 def fake_child_process(engine_factory: type[ScriptedEngine] = DigitEngine) -> dict[str, Any]:
@@ -80,12 +79,30 @@ def fake_child_process(engine_factory: type[ScriptedEngine] = DigitEngine) -> di
     return {"run_shards_in_child": run_shards_in_child, "run_generation": run_generation}
 
 
+def fake_eval_engine(engine_factory: type[ScriptedEngine] = DigitEngine) -> Any:
+    """A replacement for :func:`pipeline.evaluation.engine.generate_for_models` (all models of an
+    evaluation), answering like :func:`fake_child_process`'s ``run_generation`` for each model."""
+    run_generation = fake_child_process(engine_factory)["run_generation"]
+
+    def generate_for_models(models: Any, prompts: Any, config: Any, **kw: Any) -> dict[str, Any]:
+        options = {k: kw.get(k) for k in ("samples_per_prompt", "temperature")}
+        return {
+            m.label: run_generation(m.path, list(prompts), config, model_label=m.identity, **options)
+            for m in models
+        }
+
+    return generate_for_models
+
+
 def install_fake_child_process(monkeypatch: Any, engine_factory: type[ScriptedEngine] = DigitEngine) -> None:
-    """Patch :mod:`pipeline.generation.worker` with :func:`fake_child_process` (pytest ``monkeypatch``)."""
+    """Patch :mod:`pipeline.generation.worker` with :func:`fake_child_process` and the evaluation engine
+    with :func:`fake_eval_engine` (pytest ``monkeypatch``)."""
+    import pipeline.evaluation.engine as eval_engine
     import pipeline.generation.worker as worker
 
     for name, value in fake_child_process(engine_factory).items():
         monkeypatch.setattr(worker, name, value)
+    monkeypatch.setattr(eval_engine, "generate_for_models", fake_eval_engine(engine_factory))
 
 
 @contextlib.contextmanager

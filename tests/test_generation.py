@@ -14,6 +14,7 @@ from pipeline.config import GenerationConfig, PipelineConfig, ReasoningConfig
 from pipeline.generation.engine import Completion, SamplingSpec
 from pipeline.generation.limits import check_prompt_lengths, prompt_token_needs
 from pipeline.generation.sampler import generate_responses
+from pipeline.generation.segments import Segment
 from pipeline.generation.shards import ShardStore, plan_shards
 from pipeline.generation.stage import parse_rejects, run_generate_stage
 from pipeline.generation.stats import generation_stats
@@ -40,11 +41,14 @@ def test_both_modes_make_rows_with_trace_and_empty_trace() -> None:
     trace = [r for r in rows if r["mode"] == "trace"]
     empty = [r for r in rows if r["mode"] == "empty"]
     assert len(trace) == len(empty) == 4
+    tok = WordTokenizer()
     for r in trace:
         assert r["trace"] and r["trace_closed"] and not r["budget_forced"]
         assert r["trace_finish_reason"] == "close_tag"
+        # The model wrote the close tag and the blank line itself: nothing was edited or re-wrapped.
         assert r["response_text"] == f"<think>\n{r['trace']}\n</think>\n\n{r['answer']}"
-        assert r["trace_tokens"] == 3
+        assert r["trace_tokens"] == 4  # three words and the close tag
+        assert Segment.FORCED not in r["response_segments"]
     for r in empty:
         assert r["trace"] is None and r["trace_tokens"] == 0 and r["trace_finish_reason"] is None
         assert r["response_text"] == f"<think>\n\n</think>\n\n{r['answer']}"
@@ -52,21 +56,37 @@ def test_both_modes_make_rows_with_trace_and_empty_trace() -> None:
         assert r["parse_ok"] and r["parse_error"] is None
         assert (r["shard_index"], r["seed"], r["engine"], r["model"]) == (3, 7, "fake", "m")
         assert (r["open_tag"], r["close_tag"], r["reasoning_control"]) == ("<think>", "</think>", "prefill")
-        assert r["prompt_tokens"] == len(r["prompt_text"].split())
+        assert r["prompt_tokens"] == len(r["prompt_text"].split()) == len(r["prompt_token_ids"])
         assert r["generation_id"] == f"{r['prompt_id']}-{r['mode']}-{r['sample_index']}"
+        # Text columns are decoded from the ids; EOS is stored once, as the last token, where emitted.
+        assert tok.decode(r["prompt_token_ids"]) == r["prompt_text"]
+        assert tok.decode(r["response_token_ids"]) == r["response_text"] + "<eos>"
+        assert r["eos_emitted"] and r["response_segments"][-1] == Segment.EOS
+        assert r["response_segments"].count(Segment.EOS) == 1
+        sampled = [lp for lp, s in zip(r["sampler_logprobs"], r["response_segments"], strict=True) if s != 0]
+        assert sampled == [-0.5] * len(sampled)
+        pairs = zip(r["sampler_logprobs"], r["response_segments"], strict=True)
+        assert all(lp is None for lp, s in pairs if s == 0)
     assert conform("generations", pa.Table.from_pylist(rows)).num_rows == len(rows)
 
 
 def test_one_batched_call_per_pass_with_the_trace_budget_and_stop_tag() -> None:
     engine = ScriptedEngine()
-    generate_responses(engine, PROMPTS[:3], config(), "m")
+    rows = generate_responses(engine, PROMPTS[:3], config(), "m")
     (first_prompts, first_specs), (answer_prompts, answer_specs) = engine.calls
     assert len(first_prompts) == 6 and len(answer_prompts) == 3 * 2
     assert first_specs[0] == SamplingSpec(n=2, temperature=0.8, top_p=0.95, max_tokens=8, stop=("</think>",))
     assert first_specs[1].stop == () and first_specs[1].n == 2
-    assert first_prompts[0].endswith("<think>\n") and first_prompts[1].endswith("<think>\n\n</think>\n\n")
+    text = engine.text
+    assert text(first_prompts[0]).endswith("<think>\n")
+    assert text(first_prompts[1]).endswith("<think>\n\n</think>\n\n")
     assert all(s.n == 1 and s.max_tokens == 8 for s in answer_specs)
-    assert all(p.endswith("</think>\n\n") for p in answer_prompts)
+    assert all(text(p).endswith("</think>") for p in answer_prompts)  # exactly the ids the model sampled
+    # The answer pass continues from the trace's exact ids, and the stored row is prompt + those ids.
+    trace_rows = [r for r in rows if r["mode"] == "trace"]
+    for row, fed in zip(trace_rows, answer_prompts, strict=True):
+        answer_len = row["answer_tokens"]
+        assert row["prompt_token_ids"] + row["response_token_ids"][:-answer_len] == fed
 
 
 def test_budget_forced_trace_is_closed_and_still_answered() -> None:
@@ -75,6 +95,11 @@ def test_budget_forced_trace_is_closed_and_still_answered() -> None:
     assert all(r["budget_forced"] and not r["trace_closed"] for r in trace)
     assert all(r["trace_finish_reason"] == "budget" and r["trace_tokens"] == 8 for r in trace)
     assert all(r["answer"] and "</think>\n\n" in r["response_text"] for r in trace)
+    forced = WordTokenizer().encode("\n</think>\n\n")
+    for r in trace:
+        ids, segs = r["response_token_ids"], r["response_segments"]
+        assert [t for t, s in zip(ids, segs, strict=True) if s == Segment.FORCED] == forced
+        assert segs.count(Segment.TRACE) == 8
 
 
 class _ScriptedAnswers(ScriptedEngine):
@@ -83,23 +108,35 @@ class _ScriptedAnswers(ScriptedEngine):
         self.answers = answers
         self.trace_end = trace_end
 
-    def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
+    def complete(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Completion]]:
         if specs[0].stop:
             finish, stop = self.trace_end
-            return [[Completion("hmm", 1, finish, stop) for _ in range(s.n)] for s in specs]
+            text = "hmm\n</think>" if stop else "hmm"
+            return [[self.completion(text, finish, stop) for _ in range(s.n)] for s in specs]
         texts = iter(self.answers)
-        return [[Completion(next(texts), 2, "length", None) for _ in range(s.n)] for s in specs]
+        return [[self.completion(next(texts), "length", None) for _ in range(s.n)] for s in specs]
 
 
 def test_unparseable_answers_are_kept_flagged_and_listed_as_rejects() -> None:
-    engine = _ScriptedAnswers(["  ", "x </think> y"], trace_end=("stop", None))
+    engine = _ScriptedAnswers(["  ", "x </think> y"], trace_end=("stop", "</think>"))
     rows = generate_responses(engine, PROMPTS[:1], config(samples_per_prompt=2), "m")
     trace = [r for r in rows if r["mode"] == "trace"]
     assert [r["parse_error"] for r in trace] == ["empty answer", "answer contains reasoning tags"]
-    assert all(r["trace_finish_reason"] == "eos" and not r["budget_forced"] for r in trace)
+    assert all(r["trace_finish_reason"] == "close_tag" and not r["budget_forced"] for r in trace)
+    assert not any(r["eos_emitted"] for r in trace)  # cut answers end without EOS
     rejects = parse_rejects(rows)
     assert {r["row_key"] for r in rejects} == {r["generation_id"] for r in rows if not r["parse_ok"]}
     assert all(r["stage"] == "generate" and json.loads(r["payload"])["prompt_id"] == "p0" for r in rejects)
+
+
+def test_a_trace_that_ends_the_sequence_gets_no_answer_and_is_flagged() -> None:
+    engine = _ScriptedAnswers(["unused"] * 2, trace_end=("stop", None))
+    rows = generate_responses(engine, PROMPTS[:1], config(samples_per_prompt=2), "m")
+    trace = [r for r in rows if r["mode"] == "trace"]
+    for r in trace:
+        assert r["trace_finish_reason"] == "eos" and not r["parse_ok"] and r["answer"] == ""
+        assert "no answer" in r["parse_error"] and r["eos_emitted"]
+        assert r["response_segments"][-1] == Segment.EOS and Segment.ANSWER not in r["response_segments"]
 
 
 def test_native_control_leaves_the_empty_block_to_the_template() -> None:
@@ -107,9 +144,11 @@ def test_native_control_leaves_the_empty_block_to_the_template() -> None:
     engine = ScriptedEngine()
     rows = generate_responses(engine, PROMPTS[:1], cfg, "m")
     first_prompts = engine.calls[0][0]
-    assert first_prompts[1].endswith("<think>\n\n</think>\n\n")  # written by the template
+    assert engine.text(first_prompts[1]).endswith("<think>\n\n</think>\n\n")  # written by the template
     empty = [r for r in rows if r["mode"] == "empty"]
-    assert all(r["response_text"] == r["answer"] and r["reasoning_control"] == "native" for r in empty)
+    assert all(
+        r["response_text"].strip() == r["answer"] and r["reasoning_control"] == "native" for r in empty
+    )
 
 
 def test_prompts_that_cannot_fit_the_context_window_are_rejected_with_a_reason() -> None:
@@ -133,11 +172,11 @@ def test_prompts_that_cannot_fit_the_context_window_are_rejected_with_a_reason()
 
 def test_token_need_counts_the_longer_mode_and_the_closing_tag() -> None:
     tokenizer = WordTokenizer()
-    # trace: "<|user|> hi <|end|> <|assistant|> <think>" + closing "</think>" = 6 words;
-    # empty: "<|user|> hi <|end|> <|assistant|> <think> </think>" = 6 words; with a longer close tag:
+    # trace: "<|user|> hi <|end|> <|assistant|> " + "<think>\n" + forced "\n", "</think>\n\n" = 7 tokens;
+    # empty: the same prompt + "<think>\n\n", "</think>\n\n" = 6 tokens; with a longer close tag:
     cfg = config(reasoning=ReasoningConfig(close_tag="</think> </reasoning>"))
-    assert prompt_token_needs(tokenizer, ["hi"], config()) == [6]
-    assert prompt_token_needs(tokenizer, ["hi"], cfg) == [7]
+    assert prompt_token_needs(tokenizer, ["hi"], config()) == [7]
+    assert prompt_token_needs(tokenizer, ["hi"], cfg) == [8]
 
 
 def test_shard_plan_sizes_and_seeds() -> None:
@@ -305,7 +344,17 @@ class _FakeLLM:
             raise RuntimeError("no such utility")
 
     def _outputs(self, prompts: list[str]) -> list[object]:
-        done = type("O", (), {"text": "x", "token_ids": [1, 2], "finish_reason": "stop", "stop_reason": None})
+        done = type(
+            "O",
+            (),
+            {
+                "text": "x",
+                "token_ids": [1, 2],
+                "finish_reason": "stop",
+                "stop_reason": None,
+                "logprobs": None,
+            },
+        )
         return [type("R", (), {"outputs": [done()]})() for _ in prompts]
 
     def enqueue(self, prompts: list[str], params: object, use_tqdm: bool) -> None:
@@ -326,9 +375,9 @@ def test_vllm_engine_queues_every_request_before_the_first_step() -> None:
     from pipeline.generation.engine import VLLMEngine
 
     llm = _FakeLLM()
-    out = VLLMEngine(llm).complete(["a", "b"], [SamplingSpec(1, 0.5, 0.9, 4)] * 2)
+    out = VLLMEngine(llm).complete([[5], [6, 7]], [SamplingSpec(1, 0.5, 0.9, 4)] * 2)
     assert llm.calls == ["pause_scheduler", "enqueue", "resume_scheduler", "wait"]
     assert [[c.token_count for c in o] for o in out] == [[2], [2]]
     old = _FakeLLM(pause_fails=True)
-    VLLMEngine(old).complete(["a"], [SamplingSpec(1, 0.5, 0.9, 4)])
+    VLLMEngine(old).complete([[5]], [SamplingSpec(1, 0.5, 0.9, 4)])
     assert old.calls == ["pause_scheduler", "generate"]

@@ -153,10 +153,10 @@ def _emitted_eos(completion: Completion) -> bool:
     return ended and bool(completion.token_ids)
 
 
-def _sampled(completion: Completion) -> list[float]:
+def _sampled(completion: Completion) -> list[float | None]:
     if completion.logprobs is None:
-        return [math.nan] * len(completion.token_ids)
-    return list(completion.logprobs)
+        return [None] * len(completion.token_ids)
+    return [None if math.isnan(v) else v for v in completion.logprobs]
 
 
 def _row(
@@ -174,7 +174,7 @@ def _row(
     prefix = fixed.prefix[mode]
     response: list[int] = list(prefix)
     segments: list[int] = [Segment.PREFILLED] * len(prefix)
-    logps: list[float] = [math.nan] * len(prefix)
+    logps: list[float | None] = [None] * len(prefix)
     trace_finish_reason = trace_closed = budget_forced = None
     if trace is not None:
         trace_finish_reason = trace_finish(trace, fmt)
@@ -187,7 +187,7 @@ def _row(
         forced = forced_ids(trace, fmt, fixed)
         response += forced
         segments += [Segment.FORCED] * len(forced)
-        logps += [math.nan] * len(forced)
+        logps += [None] * len(forced)
     answer_ids: list[int] = []
     eos = trace_finish_reason == "eos"
     if answer is not None:
@@ -213,7 +213,7 @@ def _row(
         "sample_index": sample_index,
         "prompt_text": decode(tokenizer, prompt_ids),
         "response_text": decode(tokenizer, text_ids),
-        "trace": None if trace is None else decode(tokenizer, trace_ids),
+        "trace": None if trace is None else _trace_text(decode(tokenizer, trace_ids), fmt),
         "answer": answer_text,
         "prompt_tokens": len(prompt_ids),
         "trace_tokens": 0 if trace is None else len(trace.token_ids),
@@ -230,8 +230,16 @@ def _row(
         "eos_emitted": eos,
         "sampler_logprobs": None if processed else logps,
         # The processed distribution puts probability 1 on each prefilled / forced token (log 1 = 0).
-        "sampler_processed_logprobs": [0.0 if math.isnan(v) else v for v in logps] if processed else None,
+        "sampler_processed_logprobs": [0.0 if v is None else v for v in logps] if processed else None,
     }
+
+
+def _trace_text(text: str, fmt: TraceFormat) -> str:
+    """The trace for reading and SQL: the sampled text without the close tag the model wrote, stripped."""
+    text = text.rstrip()
+    if text.endswith(fmt.config.close_tag):
+        text = text[: -len(fmt.config.close_tag)]
+    return text.strip()
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:

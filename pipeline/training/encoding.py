@@ -149,7 +149,7 @@ def sampled_logprobs(row: Mapping[str, Any]) -> list[tuple[int, Segment, float]]
         return []
     out = []
     for position, (segment, value) in enumerate(zip(row["response_segments"], logps, strict=True)):
-        if Segment(segment) in SAMPLED and value is not None and value == value:  # NaN: none given
+        if Segment(segment) in SAMPLED and value is not None and value == value:  # None/NaN: none given
             out.append((position, Segment(segment), float(value)))
     return out
 

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.training.encoding import fit_length, pair_decode_problem, pair_tokens
 from pipeline.training.modeling import load_model_and_tokenizer
-from pipeline.training.sequences import tokenize_pair
 from pipeline.training.trainer import BVPOTrainer, RefPair, TrainingDataError, save_hf_checkpoint, scalar
 
 
@@ -41,15 +41,23 @@ def state_dir_for(output_dir: Path) -> Path:
 
 
 def join_reference(
-    tokenizer: Any, pairs: Sequence[dict[str, Any]], ref_rows: dict[str, dict[str, Any]], max_length: int
+    tokenizer: Any, pairs: Sequence[dict[str, Any]], ref_rows: dict[str, dict[str, Any]], config: TrainConfig
 ) -> list[RefPair]:
-    """Tokenize pairs and attach their reference log-probs (every pair must have them)."""
+    """The pairs' stored token ids with their reference log-probs (docs/method.md §Token-exact sequences).
+
+    Pairs the reference pass rejected (ids that do not decode to the text, too long for ``max_length``) are
+    left out here by the same rules; any other pair without reference log-probs is an error.
+    """
+    eos_id = tokenizer.eos_token_id if config.append_eos == "always" else None
     out = []
     for pair in pairs:
+        tokens, reason = fit_length(pair_tokens(pair, eos_id=eos_id), config.max_length, config.truncation)
+        reason = pair_decode_problem(tokenizer, pair) or reason
         ref = ref_rows.get(pair["pair_id"])
+        if tokens is None or reason is not None:
+            continue
         if ref is None:
             raise TrainingDataError(f"pair '{pair['pair_id']}' has no reference log-probs")
-        tokens = tokenize_pair(tokenizer, pair, max_length)
         out.append(RefPair(tokens, float(ref["ref_chosen_logp"]), float(ref["ref_rejected_logp"])))
     return out
 
@@ -115,8 +123,8 @@ def train_bvpo(
     model, tokenizer = prepare_model(model_path, config, trust_remote_code)
     refs = {mode: {r["pair_id"]: r for r in ref_logps if r["mode"] == mode} for mode in ("trace", "empty")}
     alpha = config.alpha_value
-    data_t = join_reference(tokenizer, pairs_trace, refs["trace"], config.max_length) if alpha > 0 else []
-    data_e = join_reference(tokenizer, pairs_empty, refs["empty"], config.max_length) if alpha < 1 else []
+    data_t = join_reference(tokenizer, pairs_trace, refs["trace"], config) if alpha > 0 else []
+    data_e = join_reference(tokenizer, pairs_empty, refs["empty"], config) if alpha < 1 else []
     probe = None
     if config.probe_active:  # built before resuming: its reference log-probs come from the initial model
         if generations is None:
