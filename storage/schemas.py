@@ -154,6 +154,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("tokens_e", pa.int64()),
             pa.field("tokens_per_s", pa.float64(), nullable=False),
             pa.field("seconds", pa.float64(), nullable=False),
+            pa.field("forward_tokens", pa.int64()),  # positions run (prompt once per pair, no padding)
+            pa.field("mfu", pa.float64()),  # model FLOPs/s over the measured matmul peak
             pa.field("checkpoint", pa.string(), nullable=False),
         ]
     ),

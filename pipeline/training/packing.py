@@ -53,6 +53,7 @@ class PackedPairs:
     num_sequences: int
     num_tokens: int  # tokens of the 2B sequences prompt + response: what a padded batch holds unpadded
     forward_tokens: int  # non-padding positions actually run (the prompt once per pair when shared)
+    attended_keys: int  # keys the non-padding positions attend to, summed (the attention FLOPs scale)
     shared_prefix: bool
 
 
@@ -129,6 +130,9 @@ def pack_pairs(
     br_t = torch.tensor([row + [0] * k for row, k in zip(branches, pad, strict=True)], dtype=torch.int8)
     flat = torch.tensor([row * width + column for row, column in predict], dtype=torch.long)
     logical = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    attended = sum(
+        _attended(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), shared_prefix) for p in pairs
+    )
     return PackedPairs(
         input_ids=ids,
         position_ids=pos,
@@ -140,8 +144,20 @@ def pack_pairs(
         num_sequences=2 * count,
         num_tokens=logical,
         forward_tokens=forward_tokens,
+        attended_keys=attended,
         shared_prefix=shared_prefix,
     )
+
+
+def _attended(prompt: int, chosen: int, rejected: int, shared: bool) -> int:
+    """Keys seen by a pair's positions: token k of a causal sequence sees k + 1; responses also the prompt."""
+
+    def causal(n: int) -> int:
+        return n * (n + 1) // 2
+
+    if not shared:
+        return causal(prompt + chosen) + causal(prompt + rejected)
+    return causal(prompt) + prompt * (chosen + rejected) + causal(chosen) + causal(rejected)
 
 
 def packed_mask(packed: PackedPairs) -> torch.Tensor:

@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.training.loss import BVPOLoss, DPOOutput, PreferenceLogps
+from pipeline.training.mfu import flop_model, training_peak
 from pipeline.training.modeling import autocast
 from pipeline.training.packing import PackedPairs, pack_pairs, packed_logps, shares_prefix
+from pipeline.training.precision import resolve_bf16
 from pipeline.training.sampling import PairSampler, pairs_per_mode
 from pipeline.training.sequences import TokenizedPair
 
@@ -145,6 +147,8 @@ class BVPOTrainer:
             if self.data_e and self.batch_e
             else None
         )
+        self.bf16 = resolve_bf16(config.bf16)  # train.bf16: auto → where the hardware has native bf16
+        self.flops = flop_model(model)  # model FLOPs per step, for MFU (before FSDP shards it)
         self.fsdp = self.world_size > 1 and config.distributed == "fsdp"
         if self.fsdp:
             shard_model(model)  # before the optimizer: FSDP replaces parameters by sharded DTensors
@@ -177,6 +181,13 @@ class BVPOTrainer:
             return None
         return pack_pairs([p.tokens for p in batch], self.pad_id, shared_prefix=shares_prefix(self.model))
 
+    def _mfu(self, forward_tokens: int, keys: int, elapsed: float) -> float | None:
+        """Model FLOPs per second over the measured matmul peak of all processes (mfu.py)."""
+        if elapsed <= 0:
+            return None
+        peak = training_peak(self.model, self.bf16) * self.world_size
+        return self.flops.step_flops(forward_tokens, keys) / elapsed / peak
+
     def _prefs(self, logps: torch.Tensor | None, batch: list[RefPair] | None) -> PreferenceLogps | None:
         if logps is None or batch is None:
             return None
@@ -194,7 +205,7 @@ class BVPOTrainer:
         self.model.train()
         sums = dict.fromkeys(METRIC_KEYS, 0.0)
         counts = dict.fromkeys(METRIC_KEYS, 0)
-        tokens = 0
+        tokens = run_tokens = keys = 0  # sequence tokens; positions run; keys attended (MFU)
         mode_tokens = {"trace": 0, "empty": 0}
         accum = self.config.grad_accum_steps
         for micro in range(accum):
@@ -205,6 +216,8 @@ class BVPOTrainer:
             mode_tokens["trace"] += seq_t.num_tokens if seq_t else 0
             mode_tokens["empty"] += seq_e.num_tokens if seq_e else 0
             tokens += (seq_t.num_tokens if seq_t else 0) + (seq_e.num_tokens if seq_e else 0)
+            run_tokens += sum(s.forward_tokens for s in (seq_t, seq_e) if s is not None)
+            keys += sum(s.attended_keys for s in (seq_t, seq_e) if s is not None)
             # One forward + backward per mode: the gradient of α·L_t + (1−α)·L_e is the sum of the two
             # terms' gradients, and only one mode's activations are alive at a time (lower peak memory).
             passes = [(m, s, b) for m, s, b in (("trace", seq_t, batch_t), ("empty", seq_e, batch_e)) if s]
@@ -218,7 +231,7 @@ class BVPOTrainer:
                 else:
                     context = self.forward.no_sync() if not sync else _null()  # type: ignore[operator]
                 with context:
-                    with autocast(self.config.bf16):
+                    with autocast(self.bf16):
                         logps_t, logps_e = self.forward(
                             seq if mode == "trace" else None, seq if mode == "empty" else None
                         )
@@ -245,6 +258,8 @@ class BVPOTrainer:
         values, tokens = _reduce_across_ranks(values, tokens, self.world_size)
         _, tokens_t = _reduce_across_ranks({}, mode_tokens["trace"], self.world_size)
         _, tokens_e = _reduce_across_ranks({}, mode_tokens["empty"], self.world_size)
+        _, run_tokens = _reduce_across_ranks({}, run_tokens, self.world_size)
+        _, keys = _reduce_across_ranks({}, keys, self.world_size)
         elapsed = time.perf_counter() - started
         row = {
             "step": self.step,
@@ -258,6 +273,8 @@ class BVPOTrainer:
             "tokens_e": tokens_e,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "seconds": elapsed,
+            "forward_tokens": run_tokens,  # positions run: the prompt once per pair (packing.py)
+            "mfu": self._mfu(run_tokens, keys, elapsed),
             **values,
         }
         if not math.isfinite(row["loss"]):
