@@ -193,8 +193,7 @@ def build_pairs(generations: pa.Table, scores: pa.Table, config: PairingConfig) 
     ``response_token_ids``; ``scores`` needs ``generation_id`` and ``score``.
     """
     needed = {"generation_id", "prompt_id", "mode", "prompt_text", "response_text", "answer", "parse_ok"}
-    needed |= {"answer_tokens", "finish_reason", "prompt_token_ids", "response_token_ids"}
-    require_token_columns(generations.column_names, "the generations dataset", kind="generations")
+    needed |= {"answer_tokens", "finish_reason"}
     for name, table, columns in (
         ("generations", generations, needed),
         ("scores", scores, {"generation_id", "score"}),
@@ -202,6 +201,7 @@ def build_pairs(generations: pa.Table, scores: pa.Table, config: PairingConfig) 
         missing = sorted(columns - set(table.column_names))
         if missing:
             raise ValueError(f"pairing: {name} lacks column(s) {', '.join(missing)}")
+    require_token_columns(generations.column_names, "the generations dataset", kind="generations")
     length = _LENGTH_SQL[config.length_unit]
     decided_sql = _DECIDED_SQL.format(chosen_len=length.format(t="c"), rejected_len=length.format(t="r"))
     ratio = None if config.max_length_ratio is None else float(config.max_length_ratio)

@@ -44,16 +44,17 @@ class Stub:
 
 
 def _choices(stub: Stub, body: dict[str, Any]) -> list[dict[str, Any]]:
-    prompt = body["prompt"]
+    prompt = body["prompt"]  # token ids, as vLLM's server takes them
     out = []
     for index in range(body["n"]):
-        if body.get("stop"):  # a trace: closed by the model
-            text, finish, stop = f"step {index} of thinking", "stop", body["stop"][0]
+        if body.get("stop"):  # a trace closed by the model: the stop string is in the output
+            text, finish, stop = f"step {index} of thinking\n{body['stop'][0]}", "stop", body["stop"][0]
         else:
-            text, finish, stop = f"answer {index} to {len(prompt.split())} words", "length", None
+            text, finish, stop = f"answer {index} to {len(prompt)} words", "length", None
         choice: dict[str, Any] = {"index": index, "text": text, "finish_reason": finish, "stop_reason": stop}
         if stub.token_ids:
-            choice["token_ids"] = list(range(len(text.split()) + 1))
+            choice["token_ids"] = WordTokenizer().encode(text)
+            choice["logprobs"] = {"token_logprobs": [-0.25] * len(choice["token_ids"])}
         out.append(choice)
     return out[::-1]  # servers may list choices in any order
 
@@ -134,42 +135,47 @@ ANSWER = SamplingSpec(n=1, temperature=0.0, top_p=0.9, max_tokens=8)
 
 def test_completions_come_back_in_order_with_counts_and_stop_reasons(stub: tuple[Stub, str]) -> None:
     state, url = stub
+    tok = WordTokenizer()
+    one, two = tok.encode("p one"), tok.encode("p two three")
     with engine(url) as http:
-        out = http.complete(["p one", "p two three"], [TRACE, ANSWER])
-    assert [c.text for c in out[0]] == [f"step {i} of thinking" for i in range(3)]
+        out = http.complete([one, two], [TRACE, ANSWER])
+    assert [c.text for c in out[0]] == [f"step {i} of thinking\n</think>" for i in range(3)]
     assert all(
         c.stop_reason == "</think>" and c.finish_reason == "stop" and c.token_count == 5 for c in out[0]
     )
+    assert [c.token_ids for c in out[0]] == [tuple(tok.encode(c.text)) for c in out[0]]
+    assert all(c.logprobs == (-0.25,) * 5 for c in out[0])
     (answer,) = out[1]
     assert (answer.text, answer.finish_reason, answer.stop_reason) == ("answer 0 to 3 words", "length", None)
-    trace_request = next(r for r in state.requests if r["prompt"] == "p one")
+    trace_request = next(r for r in state.requests if r["prompt"] == one)
     assert trace_request == {
         "model": "served-model",  # asked from /v1/models
-        "prompt": "p one",
+        "prompt": one,  # token ids, not text
         "n": 3,
         "temperature": 0.7,
         "top_p": 0.9,
         "max_tokens": 16,
         "return_token_ids": True,
+        "logprobs": 0,
+        "include_stop_str_in_output": True,
         "stop": ["</think>"],
     }
-    answer_request = next(r for r in state.requests if r["prompt"] == "p two three")
+    answer_request = next(r for r in state.requests if r["prompt"] == two)
     assert answer_request["top_p"] == 1.0 and "stop" not in answer_request  # greedy: top_p unused
 
 
-def test_without_token_ids_the_tokenizer_counts(stub: tuple[Stub, str]) -> None:
+def test_a_server_that_returns_no_token_ids_is_refused(stub: tuple[Stub, str]) -> None:
     state, url = stub
     state.token_ids = False
-    with engine(url, model="m") as http:
-        (out,) = http.complete(["x"], [ANSWER])
-    assert out[0].text == "answer 0 to 1 words" and out[0].token_count == 5  # counted by the tokenizer
+    with engine(url, model="m") as http, pytest.raises(EndpointError, match="no token ids"):
+        http.complete([[1]], [ANSWER])
 
 
 def test_429_and_5xx_are_retried_with_backoff(stub: tuple[Stub, str]) -> None:
     state, url = stub
     state.faults = ["429", "503"]
     with engine(url, model="m") as http:
-        (out,) = http.complete(["x"], [ANSWER])
+        (out,) = http.complete([[1]], [ANSWER])
         assert http.retries == 2
     assert out[0].text.startswith("answer") and len(state.requests) == 3
 
@@ -178,7 +184,7 @@ def test_a_timed_out_request_is_retried(stub: tuple[Stub, str]) -> None:
     state, url = stub
     state.faults = ["slow"]
     with engine(url, model="m", timeout_s=0.3) as http:
-        (out,) = http.complete(["x"], [ANSWER])
+        (out,) = http.complete([[1]], [ANSWER])
         assert http.retries == 1
     assert out[0].text.startswith("answer")
 
@@ -187,7 +193,7 @@ def test_retries_run_out(stub: tuple[Stub, str]) -> None:
     state, url = stub
     state.faults = ["503"] * 3
     with engine(url, model="m", max_retries=2) as http, pytest.raises(EndpointError, match="after 3 attempt"):
-        http.complete(["x"], [ANSWER])
+        http.complete([[1]], [ANSWER])
     assert len(state.requests) == 3
 
 
@@ -195,7 +201,7 @@ def test_client_errors_are_not_retried(stub: tuple[Stub, str]) -> None:
     state, url = stub
     state.faults = ["400"]
     with engine(url, model="m") as http, pytest.raises(EndpointError, match="HTTP 400"):
-        http.complete(["x"], [ANSWER])
+        http.complete([[1]], [ANSWER])
     assert len(state.requests) == 1
 
 
@@ -203,12 +209,12 @@ def test_a_wrong_number_of_choices_is_an_error(stub: tuple[Stub, str]) -> None:
     state, url = stub
     state.faults = ["short"]
     with engine(url, model="m") as http, pytest.raises(EndpointError, match="1 choice"):
-        http.complete(["x"], [TRACE])
+        http.complete([[1]], [TRACE])
 
 
 def test_unreachable_endpoint_fails_after_retries() -> None:
     with engine("http://127.0.0.1:9/v1", model="m", max_retries=1) as http, pytest.raises(EndpointError):
-        http.complete(["x"], [ANSWER])
+        http.complete([[1]], [ANSWER])
 
 
 def test_concurrency_is_bounded(stub: tuple[Stub, str]) -> None:
@@ -217,7 +223,7 @@ def test_concurrency_is_bounded(stub: tuple[Stub, str]) -> None:
     # however loaded the machine is; slow answers let an unbounded client pile up more than 3.
     state.hold_first, state.delay_s = 3, 0.05
     with engine(url, model="m", concurrency=3, timeout_s=30.0) as http:
-        out = http.complete([f"p{i}" for i in range(12)], [ANSWER] * 12)
+        out = http.complete([[i] for i in range(12)], [ANSWER] * 12)
     assert len(out) == 12 and state.max_in_flight == 3
 
 
@@ -228,7 +234,7 @@ def test_api_key_comes_from_the_named_environment_variable(
     monkeypatch.setenv("GEN_KEY", "sekret")
     cfg = GenerationConfig(engine="openai", base_url=url, api_key_env="GEN_KEY", served_model="m")
     with OpenAICompletionsEngine.from_config(cfg, WordTokenizer()) as http:
-        http.complete(["x"], [ANSWER])
+        http.complete([[1]], [ANSWER])
     assert state.headers[0].get("Authorization") == "Bearer sekret"
     monkeypatch.delenv("GEN_KEY")
     with pytest.raises(EndpointError, match="GEN_KEY"):

@@ -19,17 +19,29 @@ NAN = float("nan")
 
 
 def _gen(
-    gid: str, pid: str, mode: str, answer: str, ok: bool = True, tokens: int | None = None
+    gid: str,
+    pid: str,
+    mode: str,
+    answer: str,
+    ok: bool = True,
+    tokens: int | None = None,
+    finish: str = "stop",
 ) -> dict[str, Any]:
+    response = f"<think>..</think>{answer}"
     return {
         "generation_id": gid,
         "prompt_id": pid,
         "mode": mode,
         "prompt_text": f"P {pid}",
-        "response_text": f"<think>..</think>{answer}",
+        "response_text": response,
         "answer": answer,
         "answer_tokens": len(answer.split()) if tokens is None else tokens,
         "parse_ok": ok,
+        "finish_reason": finish,
+        "prompt_token_ids": [ord(c) for c in f"P {pid}"],
+        "response_token_ids": [ord(c) for c in response],
+        "response_segments": [3] * len(response),
+        "eos_emitted": finish == "stop",
     }
 
 
@@ -205,6 +217,7 @@ def test_stats_table_counts_every_reason_and_the_margin_distribution() -> None:
         "dropped_low_margin": 1,
         "dropped_identical": 0,
         "dropped_length_ratio": 0,
+        "cut_answers": 0,
         "generations": 8,
         "malformed": 0,
         "nonfinite_scores": 0,
@@ -355,3 +368,39 @@ def test_sql_equals_python_reference_on_10000_random_rows(config: PairingConfig)
     assert total == {f"dropped_{code}": codes.count(code) for code in DROP_CODES}
     assert sum(s["pairs"] for s in result.stats) == codes.count(None)
     assert sum(s["generations"] for s in result.stats) == len(gens)
+
+
+def test_pairs_carry_the_sampled_token_ids() -> None:
+    gens = [_gen("a-t-0", "a", "trace", "x"), _gen("a-t-1", "a", "trace", "y")]
+    result, _ = _pair(gens, {"a-t-0": 1.0, "a-t-1": 0.0})
+    (pair,) = result.pairs_trace.to_pylist()
+    assert pair["prompt_token_ids"] == gens[0]["prompt_token_ids"]
+    assert pair["chosen_token_ids"] == gens[0]["response_token_ids"]
+    assert pair["rejected_token_ids"] == gens[1]["response_token_ids"]
+
+
+def test_a_cut_answer_is_not_chosen_and_is_recorded_unless_allowed() -> None:
+    gens = [
+        _gen("a-t-0", "a", "trace", "best but cut", finish="length"),
+        _gen("a-t-1", "a", "trace", "good"),
+        _gen("a-t-2", "a", "trace", "bad"),
+        _gen("b-t-0", "b", "trace", "only cut", finish="length"),
+        _gen("b-t-1", "b", "trace", "worse", finish="length"),
+    ]
+    scores = {"a-t-0": 1.0, "a-t-1": 0.6, "a-t-2": 0.0, "b-t-0": 1.0, "b-t-1": 0.0}
+    result, reasons = _pair(gens, scores)
+    assert _ids(result.pairs_trace) == [("a-trace", "a-t-1", "a-t-2")]  # the cut answer may not win
+    assert "not eligible as chosen" in reasons["a-t-0"] and "max_answer_tokens" in reasons["a-t-0"]
+    assert "cut at max_answer_tokens" in reasons["b-trace"]  # no uncut answer left to choose
+    assert "a-t-1" not in reasons and "a-t-2" not in reasons
+    allowed, reasons = _pair(gens, scores, allow_cut_chosen=True)
+    assert _ids(allowed.pairs_trace) == [("a-trace", "a-t-0", "a-t-2"), ("b-trace", "b-t-0", "b-t-1")]
+    assert not reasons
+
+
+def test_generations_without_token_ids_get_a_clear_message() -> None:
+    from pipeline.training.encoding import TokenFormatError
+
+    old = [{k: v for k, v in _gen("a-t-0", "a", "trace", "x").items() if "token_ids" not in k}]
+    with pytest.raises(TokenFormatError, match="older version of this pipeline"):
+        _pair(old, {"a-t-0": 1.0})
