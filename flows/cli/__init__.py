@@ -6,7 +6,8 @@ One module per concern, each registering its commands on the shared :data:`app`:
 - ``run.py``: ``run``, ``config``;
 - ``analysis.py``: ``report``, ``analyze-variance``, ``lm-eval``;
 - ``server.py``: ``server``, ``serve``, ``deploy``;
-- ``data.py``: ``sql``, ``datasets``, ``lineage``, ``compare``, ``export``.
+- ``data.py``: ``sql``, ``datasets``, ``lineage``, ``compare``, ``export`` (eval answers);
+- ``interop.py``: ``import pairs``, ``export pairs`` (preference pairs in and out, TRL's format).
 
 A new command (or a Typer sub-group added with ``app.add_typer``) is a new module here that imports
 ``app`` from ``flows.cli.app``, plus one import line below. Commands import Prefect, torch and
@@ -23,6 +24,7 @@ from flows.cli import run  # noqa: F401
 from flows.cli import analysis  # noqa: F401
 from flows.cli import server  # noqa: F401
 from flows.cli import data  # noqa: F401
+from flows.cli import interop  # noqa: F401
 # isort: on
 
 from flows.cli.analysis import analyze_variance

@@ -195,24 +195,57 @@ class ExportFormat(StrEnum):
     arena_hard = "arena-hard"
 
 
-@app.command()
-def export(
-    fmt: Annotated[ExportFormat, typer.Argument(help="alpaca-eval (JSON list) or arena-hard (JSONL).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
-    label: Annotated[str, typer.Option(help="Model label in eval_generations (reference, trained, …).")] = (
-        "trained"
-    ),
-    mode: Annotated[str, typer.Option(help="Reasoning mode: trace (on) or empty (off).")] = "trace",
-    dataset: Annotated[str, typer.Option(help="The eval_generations dataset holding the answers.")] = "",
+export_app = typer.Typer(
+    help="Export for other tools: eval answers (AlpacaEval, Arena-Hard), preference pairs (TRL).\n\n"
+    "Examples:\n\n"
+    "  bvpo export alpaca-eval -o out/trained.json\n\n"
+    "  bvpo export pairs -o pairs/",
+    no_args_is_help=True,
+)
+app.add_typer(export_app, name="export")
+
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="File to write.")]
+LabelOpt = Annotated[str, typer.Option(help="Model label in eval_generations (reference, trained, …).")]
+ModeOpt = Annotated[str, typer.Option(help="Reasoning mode: trace (on) or empty (off).")]
+EvalSetOpt = Annotated[str, typer.Option(help="The eval_generations dataset holding the answers.")]
+
+
+@export_app.command("alpaca-eval")
+def export_alpaca_eval(
+    output: OutputOpt,
+    label: LabelOpt = "trained",
+    mode: ModeOpt = "trace",
+    dataset: EvalSetOpt = "",
     workspace: WorkspaceOpt = Path("workspace"),
     debug: DebugOpt = False,
 ) -> None:
-    """Export a model's eval answers for AlpacaEval or Arena-Hard (final answers only, first sample).
+    """A model's eval answers for AlpacaEval, as a JSON list (final answers only, first sample).
 
-    Examples:
-      bvpo export alpaca-eval -o out/trained.json
-      bvpo export arena-hard --label reference --mode empty -o out/reference.jsonl
+    Example: bvpo export alpaca-eval -o out/trained.json
     """
+    export(ExportFormat.alpaca_eval, output, label, mode, dataset, workspace, debug)
+
+
+@export_app.command("arena-hard")
+def export_arena_hard(
+    output: OutputOpt,
+    label: LabelOpt = "trained",
+    mode: ModeOpt = "trace",
+    dataset: EvalSetOpt = "",
+    workspace: WorkspaceOpt = Path("workspace"),
+    debug: DebugOpt = False,
+) -> None:
+    """A model's eval answers for Arena-Hard, as JSONL (final answers only, first sample).
+
+    Example: bvpo export arena-hard --label reference --mode empty -o out/reference.jsonl
+    """
+    export(ExportFormat.arena_hard, output, label, mode, dataset, workspace, debug)
+
+
+def export(
+    fmt: ExportFormat, output: Path, label: str, mode: str, dataset: str, workspace: Path, debug: bool
+) -> None:
+    """Export a model's eval answers for AlpacaEval or Arena-Hard (final answers only, first sample)."""
     from pipeline.evaluation import export as exporters
     from storage import DatasetStore
 

@@ -6,8 +6,9 @@ Each pair becomes ``{prompt, chosen, rejected}``. The conversational layout (the
 as one user message and each response as one assistant message whose content keeps the reasoning inline in
 think tags (D_t) or an empty think block (D_e); TRL applies the model's chat template itself. The standard
 layout writes the strings this pipeline trains on: the chat-rendered prompt and the responses. Extra
-columns (``pair_id``, ``prompt_id``, ``mode``, ``chosen_score``, ``rejected_score``) ride along; TRL
-ignores them and ``bvpo import pairs`` reads them back.
+columns (``pair_id``, ``prompt_id``, ``mode``, ``chosen_score``, ``rejected_score``, and the exact token ids
+``prompt_token_ids`` / ``chosen_token_ids`` / ``rejected_token_ids``) ride along; TRL ignores them and
+``bvpo import pairs`` reads them back, so a round trip scores the very tokens that were sampled.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ Layout = Literal["conversational", "standard"]
 FileFormat = Literal["parquet", "jsonl", "hf"]
 PAIR_KINDS: dict[Mode, str] = {"trace": "pairs_trace", "empty": "pairs_empty"}
 EXTRA_COLUMNS = ("pair_id", "prompt_id", "mode", "chosen_score", "rejected_score")
+TOKEN_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ def trl_records(
     fmt: TraceFormat,
     layout: Layout,
     user_message: Callable[[dict[str, Any]], str] | None = None,
+    token_ids: bool = True,
 ) -> list[dict[str, Any]]:
     """Preference records of one mode; ``user_message(pair)`` gives the prompt (conversational layout)."""
     out = []
@@ -67,6 +70,8 @@ def trl_records(
                 "rejected": pair["rejected_response"],
             }
         record.update({column: pair.get(column) for column in EXTRA_COLUMNS})
+        if token_ids and all(pair.get(column) is not None for column in TOKEN_COLUMNS):
+            record.update({column: list(pair[column]) for column in TOKEN_COLUMNS})
         record["mode"] = mode
         out.append(record)
     return out
@@ -99,6 +104,7 @@ def export_pairs(
     layout: Layout = "conversational",
     file_format: FileFormat = "parquet",
     user_message: Callable[[dict[str, Any]], str] | None = None,
+    token_ids: bool = True,
 ) -> list[ExportedFile]:
     """Write each mode's pairs (``mode -> (dataset name, rows)``) to ``output_dir/pairs_<mode>*``."""
     written = []
@@ -106,7 +112,7 @@ def export_pairs(
         if mode not in pairs:
             continue
         name, rows = pairs[mode]
-        records = trl_records(rows, mode, fmt, layout, user_message)
+        records = trl_records(rows, mode, fmt, layout, user_message, token_ids)
         path = write_records(records, output_dir / PAIR_KINDS[mode], file_format)
         written.append(ExportedFile(mode=mode, dataset=name, path=path, rows=len(records)))
     return written

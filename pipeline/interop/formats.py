@@ -41,6 +41,7 @@ class Response:
 
     trace: str | None  # None: the response had no reasoning block at all; "": an empty block
     answer: str
+    inline: str | None = None  # the content exactly as given, when the reasoning (if any) was inline
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,22 @@ def check_single_mode(pairs: list[SourcePair], source: str) -> None:
 def response_text(fmt: TraceFormat, mode: Mode, response: Response) -> str:
     """The response as the trainer scores it: the trace block (or the empty block) then the answer.
 
-    The same strings generation stores (docs/method.md §Reasoning on/off formats), so pairs sampled here and
-    exported come back unchanged.
+    Generation starts every response with a fixed prefix (docs/method.md §Reasoning on/off formats): the
+    open tag in D_t, the empty block in D_e (which a native template writes into the prompt instead). An
+    inline response that starts with that prefix is kept exactly as given, so pairs sampled here come back
+    from an export unchanged; any other spelling is rewritten to the stored layout.
     """
+    prefix = fmt.response_prefix(mode)
+    inline = response.inline
     if mode == "trace":
+        if inline is not None and inline.startswith(prefix):
+            return inline
         return fmt.close_trace(response.trace or "") + response.answer
-    return fmt.response_prefix("empty") + response.answer
+    if inline is not None and response.trace is not None and inline.startswith(fmt.empty_block):
+        return prefix + inline[len(fmt.empty_block) :]  # native: the template wrote the block already
+    if inline is not None and response.trace is None:
+        return prefix + inline
+    return prefix + response.answer
 
 
 def inline_content(fmt: TraceFormat, mode: Mode, response_text_: str) -> str:
@@ -215,7 +226,7 @@ def _response(side: str, value: Any, fmt: TraceFormat, max_chars: int) -> Respon
     problem = fmt.check_answer(answer)
     if problem is not None:
         raise RowError(f"{side}: {problem}")
-    return Response(trace=trace, answer=answer)
+    return Response(trace=trace, answer=answer, inline=value if reasoning is None else None)
 
 
 def _mode(value: Any) -> Mode:

@@ -37,7 +37,6 @@ from pipeline.prompts.builtin import prompt_id_for
 from pipeline.prompts.source import ERROR_KEY, PromptSourceError, _read_hf, _read_jsonl, _read_parquet
 
 STAGE = "import_pairs"
-TOKEN_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 
 
 @dataclass(frozen=True)
@@ -185,34 +184,45 @@ def _pair_row(
         "num_candidates": None,
         "length_ratio": len(pair.chosen.answer) / len(pair.rejected.answer),
     }
-    row.update(_token_ids(record, tokenizer, fmt, user, mode, chosen, rejected))
+    row.update(_token_ids(record, tokenizer, fmt, user, mode, row))
     return row
 
 
 def _token_ids(
-    record: dict[str, Any],
-    tokenizer: Any,
-    fmt: TraceFormat,
-    user: str,
-    mode: Mode,
-    chosen: str,
-    rejected: str,
+    record: dict[str, Any], tokenizer: Any, fmt: TraceFormat, user: str, mode: Mode, row: dict[str, Any]
 ) -> dict[str, list[int]]:
-    """The pair's token ids: the source's own (checked), else built by the encoding module."""
-    given = [record.get(c) for c in TOKEN_COLUMNS]
-    if any(v is not None for v in given):
+    """The pair's token ids: the source's own when it has them (they must decode to the pair's text), else
+    built by the encoding module as generation would feed them: the rendered prompt, the fixed prefix of
+    the mode, then the rest of each response, which ends with end-of-sequence."""
+    from pipeline.training.encoding import (
+        PAIR_TOKEN_COLUMNS,
+        encode_text,
+        pair_decode_problem,
+        render_prompt_ids,
+        response_prefix_ids,
+    )
+
+    given = {c: record.get(c) for c in PAIR_TOKEN_COLUMNS}
+    if any(v is not None for v in given.values()):
         vocab = len(tokenizer)
-        for column, ids in zip(TOKEN_COLUMNS, given, strict=True):
+        for column, ids in given.items():
             if not isinstance(ids, list) or not ids:
                 raise RowError(f"{column}: missing or empty while the other token-id columns are given")
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
                 raise RowError(f"{column}: not a list of token ids of this tokenizer (vocabulary {vocab})")
-        return dict(zip(TOKEN_COLUMNS, given, strict=True))
-    from pipeline.training.encoding import encode_text, render_prompt_ids
-
+        problem = pair_decode_problem(tokenizer, {**row, **given})
+        if problem is not None:
+            raise RowError(problem)
+        return {c: list(v) for c, v in given.items()}  # type: ignore[arg-type]
+    prefix, prefix_ids = fmt.response_prefix(mode), response_prefix_ids(tokenizer, mode, fmt.config)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def response_ids(text: str) -> list[int]:
+        head = prefix_ids if prefix and text.startswith(prefix) else []
+        return head + encode_text(tokenizer, text[len(prefix) if head else 0 :]) + eos
+
     return {
         "prompt_token_ids": render_prompt_ids(tokenizer, user, mode, fmt.config),
-        "chosen_token_ids": encode_text(tokenizer, chosen) + eos,
-        "rejected_token_ids": encode_text(tokenizer, rejected) + eos,
+        "chosen_token_ids": response_ids(row["chosen_response"]),
+        "rejected_token_ids": response_ids(row["rejected_response"]),
     }
