@@ -5,15 +5,13 @@ accepts a list of ints as ``prompt``), exactly what the in-process engine gets, 
 logic of :mod:`pipeline.generation.sampler` runs unchanged. vLLM's ``return_token_ids`` extension gives the
 sampled ids and ``logprobs: 0`` the log-prob of each; ``include_stop_str_in_output`` keeps the close tag's
 tokens in the text. A server that returns no token ids is refused (its tokens would have to be guessed from
-text). Requests run ``concurrency`` at a time (the server batches them); timeouts, connection errors, 429 and
-5xx answers are retried with exponential backoff (``Retry-After`` honoured); other 4xx answers fail at once.
+text). Requests run ``concurrency`` at a time (the server batches them) through the shared
+:class:`pipeline.http_client.JsonClient`: timeouts, connection errors, 429 and 5xx answers are retried with
+exponential backoff (``Retry-After`` honoured); other 4xx answers fail at once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,26 +21,13 @@ from tqdm.auto import tqdm
 
 from pipeline.config import GenerationConfig
 from pipeline.generation.engine import Completion, SamplingSpec
-from pipeline.redact import redact, remember
-
-MAX_BACKOFF_S = 30.0
-
-
-class EndpointError(RuntimeError):
-    """The completions endpoint could not be reached or answered with an error."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(message))  # an API key echoed by the server never reaches a log
+from pipeline.http_client import EndpointError, JsonClient
+from pipeline.http_client import api_key_from_env as _key_from_env
 
 
 def api_key_from_env(name: str | None) -> str | None:
     """The key held by environment variable ``name``; a named but unset variable is an error."""
-    if not name:
-        return None
-    value = os.environ.get(name)
-    if not value:
-        raise EndpointError(f"environment variable {name} (generation.api_key_env) is not set")
-    return remember(value)
+    return _key_from_env(name, "generation.api_key_env")
 
 
 class OpenAICompletionsEngine:
@@ -64,22 +49,20 @@ class OpenAICompletionsEngine:
         progress: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
         self._tokenizer = tokenizer
         self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
         self.progress = progress
-        headers = {"Authorization": f"Bearer {remember(api_key)}"} if api_key else {}
-        self._http = httpx.Client(
-            headers=headers,
-            timeout=timeout_s,
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        self._http = JsonClient(
+            base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_connections=concurrency,
             transport=transport,
         )
+        self.base_url = self._http.base_url
         self._model = model
-        self.retries = 0  # retried attempts so far (for logs and tests)
-        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: GenerationConfig, tokenizer: Any) -> OpenAICompletionsEngine:
@@ -96,6 +79,11 @@ class OpenAICompletionsEngine:
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def retries(self) -> int:
+        """Retried attempts so far (for logs and tests)."""
+        return self._http.retries
 
     @property
     def model(self) -> str:
@@ -192,35 +180,4 @@ class OpenAICompletionsEngine:
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
         """One call, retried on transient failures; the decoded JSON body."""
-        url = self.base_url + path
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self._http.request(method, url, json=payload)
-            except httpx.TransportError as exc:  # timeouts and connection errors
-                problem = f"{type(exc).__name__}: {exc}"
-                self._wait(attempt, None)
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}: {response.text[:300]}"
-                self._wait(attempt, response.headers.get("retry-after"))
-                continue
-            if response.status_code >= 400:
-                raise EndpointError(f"{url} answered HTTP {response.status_code}: {response.text[:300]}")
-            try:
-                return response.json()
-            except ValueError as exc:
-                raise EndpointError(f"{url} answered with non-JSON: {response.text[:300]}") from exc
-        raise EndpointError(f"{url} failed after {self.max_retries + 1} attempt(s): {problem}")
-
-    def _wait(self, attempt: int, retry_after: str | None) -> None:
-        """Back off before the next attempt (none after the last one)."""
-        if attempt >= self.max_retries:
-            return
-        with self._lock:
-            self.retries += 1
-        delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
-        if retry_after is not None:
-            with contextlib.suppress(ValueError):
-                delay = min(max(float(retry_after), 0.0), MAX_BACKOFF_S)
-        time.sleep(delay)
+        return self._http.request(method, path, payload)

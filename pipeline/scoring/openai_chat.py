@@ -1,14 +1,13 @@
 """A small client for OpenAI-compatible ``/chat/completions`` endpoints (vLLM's server, hosted APIs).
 
-Used by the judge scorer. Requests run a few at a time with a progress bar; connection errors, 429 and
-5xx answers are retried with exponential backoff. A request that still fails raises
-:class:`ChatEndpointError`, so a dead endpoint fails the stage instead of storing a dataset of rejects.
+Used by the judge scorer. Requests run a few at a time with a progress bar, through the shared
+:class:`pipeline.http_client.JsonClient` (retries, backoff, ``Retry-After``, redacted errors). A request that
+still fails raises :class:`ChatEndpointError`, so a dead endpoint fails the stage instead of storing a dataset
+of rejects.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,27 +15,19 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
+from pipeline import http_client
 from pipeline.config import ChatEndpointOptions
-from pipeline.redact import redact, remember
 
 Message = dict[str, str]
 
 
-class ChatEndpointError(RuntimeError):
+class ChatEndpointError(http_client.EndpointError):
     """The chat endpoint could not be reached or answered with an error."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(message))  # an API key echoed by the server never reaches a log
 
 
 def api_key_from_env(name: str | None) -> str | None:
     """The API key held by environment variable ``name`` (None: no key); a named but unset variable fails."""
-    if not name:
-        return None
-    value = os.environ.get(name)
-    if not value:
-        raise ChatEndpointError(f"environment variable {name} (judge api_key_env) is not set")
-    return remember(value)
+    return http_client.api_key_from_env(name, "judge api_key_env", ChatEndpointError)
 
 
 class OpenAIChatClient:
@@ -55,17 +46,23 @@ class OpenAIChatClient:
         concurrency: int = 4,
         backoff_s: float = 0.5,
         progress: bool = True,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.max_retries = max_retries
         self.concurrency = concurrency
-        self.backoff_s = backoff_s
         self.progress = progress
-        headers = {"Authorization": f"Bearer {remember(api_key)}"} if api_key else {}
-        self._http = httpx.Client(headers=headers, timeout=timeout_s)
+        self._http = http_client.JsonClient(
+            base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            transport=transport,
+            error=ChatEndpointError,
+        )
+        self.url = self._http.base_url + "/chat/completions"
 
     @classmethod
     def from_options(cls, options: ChatEndpointOptions) -> OpenAIChatClient:
@@ -106,34 +103,19 @@ class OpenAIChatClient:
             "max_tokens": self.max_tokens,
             "n": 1,
         }
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self._http.post(self.url, json=payload)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}: {response.text[:300]}"
-                continue
-            if response.status_code >= 400:
-                raise ChatEndpointError(
-                    f"{self.url} answered HTTP {response.status_code}: {response.text[:300]}"
-                )
-            return _message_text(response, self.url)
-        raise ChatEndpointError(f"{self.url} failed after {self.max_retries + 1} attempt(s): {problem}")
+        return _message_text(self._http.request("POST", "/chat/completions", payload), self.url)
 
     def close(self) -> None:
         self._http.close()
 
 
-def _message_text(response: httpx.Response, url: str) -> str:
+def _message_text(body: Any, url: str) -> str:
+    """The assistant message of a chat completion body ("" when it has no text content)."""
     try:
-        body = response.json()
         message = body["choices"][0]["message"]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ChatEndpointError(f"{url} answered without a chat completion: {response.text[:300]}") from exc
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ChatEndpointError(
+            f"{url} answered without a chat completion: {str(body)[:300]}", transient=False
+        ) from exc
     content = message.get("content") if isinstance(message, dict) else None
     return content if isinstance(content, str) else ""
