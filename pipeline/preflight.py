@@ -51,6 +51,24 @@ def check_model_dir(name_or_path: str) -> None:
         )
 
 
+def _check_single_bos(tokenizer: Any, fmt: TraceFormat, model: str) -> None:
+    """Raise when the rendered prompt ids start with two BOS tokens.
+
+    Prompts are rendered by the chat template and tokenized with no special tokens added (the template's
+    own BOS, if it writes one, is the only one: docs/method.md §Token-exact sequences), so a double BOS can
+    only come from the template itself, and the model would be sampled and trained on a prompt it never saw.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return
+    ids = fmt.prompt_ids(tokenizer, "bvpo template probe", "trace")
+    if len(ids) >= 2 and ids[0] == ids[1] == bos:
+        raise TraceFormatError(
+            f"the chat template of {model} renders a prompt that starts with two BOS tokens "
+            f"({tokenizer.convert_ids_to_tokens(bos)!r} twice): fix the template (write BOS once)"
+        )
+
+
 def check_chat_template(tokenizer: Any, reasoning: ReasoningConfig, model: str) -> None:
     """Raise :class:`TraceFormatError` when ``tokenizer`` cannot render both reasoning modes as configured.
 
@@ -63,9 +81,10 @@ def check_chat_template(tokenizer: Any, reasoning: ReasoningConfig, model: str) 
             f"the tokenizer of {model} has no chat template (tokenizer.chat_template is not set): "
             "use a chat/instruct model, or add a chat_template to its tokenizer_config.json"
         )
+    fmt = TraceFormat(reasoning)
+    _check_single_bos(tokenizer, fmt, model)
     if reasoning.control != "native":
         return
-    fmt = TraceFormat(reasoning)
     probe = "bvpo template probe"
     on = fmt.render_prompt(tokenizer, probe, "trace")
     off = fmt.render_prompt(tokenizer, probe, "empty")

@@ -6,6 +6,11 @@
    the interrupted run wrote (same seed, same samples); both modes and the tiny trace budget are checked on
    the rows.
 3. vLLM's own OpenAI-compatible server on localhost, through the HTTP engine and the same stage code.
+
+Token exactness (docs/method.md §Token-exact sequences): both engines log every token-id prompt and the ids
+vLLM returned (``BVPO_ENGINE_LOG``); for every row, the sequence the trainer scores (stored ids → pairs →
+encoding → batch) must be exactly a logged prompt plus vLLM's output, the only ids not from vLLM being the
+prefilled tags and the forced close tag.
 """
 
 from __future__ import annotations
@@ -21,13 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
 import pytest
 
-from pipeline.config import GenerationConfig
+from pipeline.config import GenerationConfig, PairingConfig
+from pipeline.generation.engine_log import ENV_VAR, read_log
+from pipeline.generation.reasoning import TraceFormat
 from pipeline.generation.shards import ShardStore
 from pipeline.generation.stage import GenerateStageResult, run_generate_stage
 from pipeline.model_assets import embedded_checkpoint
+from pipeline.pairing import build_pairs
 from pipeline.prompts.builtin import build_builtin_prompts
+from pipeline.training.encoding import fit_length, pair_tokens
+from pipeline.training.sequences import pairs_batch
+from storage.schemas import conform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -57,6 +69,8 @@ def checkpoint() -> str:
 def resumed(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run 1 interrupted after 2 shards; shard 1 set aside; run 2 resumes (shards 1 and 2)."""
     staging = tmp_path_factory.mktemp("staging")
+    engine_log = tmp_path_factory.mktemp("engine-log") / "io.jsonl"
+    os.environ[ENV_VAR] = str(engine_log)  # the engine's child process inherits it
     seen: list[dict[str, Any]] = []
 
     def interrupt_after_two_shards(event: dict[str, Any]) -> None:
@@ -87,7 +101,9 @@ def resumed(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         staging_dir=staging,
         on_event=events.append,
     )
+    del os.environ[ENV_VAR]
     return {
+        "engine_log": str(engine_log),
         "files_after_interrupt": files_after_interrupt,
         "child_pid": child_pid,
         "first_shard_1": first_shard_1,
@@ -141,7 +157,8 @@ def check_rows(rows: list[dict[str, Any]], engine: str) -> None:
         assert r["response_text"].startswith("<think>\n\n</think>\n\n")
     for r in trace:
         assert 1 <= r["trace_tokens"] <= TRACE_BUDGET
-        assert r["response_text"].startswith("<think>\n") and "\n</think>\n\n" in r["response_text"]
+        assert r["response_text"].startswith("<think>\n")
+        assert r["trace_finish_reason"] == "eos" or "</think>" in r["response_text"]
         assert r["trace_finish_reason"] in ("close_tag", "budget", "eos")
         assert r["budget_forced"] == (r["trace_finish_reason"] == "budget")
     forced = [r for r in trace if r["budget_forced"]]
@@ -153,6 +170,65 @@ def check_rows(rows: list[dict[str, Any]], engine: str) -> None:
 
 def test_both_modes_and_the_trace_budget_in_process(resumed: dict[str, Any]) -> None:
     check_rows(resumed["result"].rows, "vllm")
+
+
+def check_token_exact(rows: list[dict[str, Any]], log_path: str, tokenizer: Any) -> None:
+    """Every row, and every trained sequence, is a logged vLLM prompt + vLLM's output (see module doc)."""
+    log = read_log(log_path)
+    forced = TraceFormat(CONFIG.reasoning).forced_close_ids(tokenizer)
+
+    def produced(full: list[int]) -> tuple[list[int], list[int]] | None:
+        """The logged (prompt, output) whose concatenation is ``full``."""
+        for prompt, outputs in log.items():
+            if len(prompt) < len(full) and list(prompt) == full[: len(prompt)]:
+                for out in outputs:
+                    if list(prompt) + out == full:
+                        return list(prompt), out
+        return None
+
+    full_of: dict[str, list[int]] = {}
+    for r in rows:
+        full = r["prompt_token_ids"] + r["response_token_ids"]
+        last = produced(full)
+        assert last is not None, f"{r['generation_id']}: stored ids are not a logged prompt + vLLM output"
+        if r["mode"] == "trace" and r["trace_finish_reason"] != "eos":
+            fed = last[0]  # the answer pass was fed prompt + open tag + vLLM's trace ids + forced ids
+            first = [
+                (list(p), out)
+                for p, outs in log.items()
+                for out in outs
+                if list(p) == r["prompt_token_ids"] + fed[len(r["prompt_token_ids"]) : len(p)]
+                and fed[: len(p) + len(out)] == list(p) + out
+                and fed[len(p) + len(out) :] in ([], forced)
+            ]
+            assert first, f"{r['generation_id']}: the answer pass was not fed vLLM's own trace ids"
+        full_of[r["generation_id"]] = full
+    # The trainer's side: pairs (SQL) -> stored ids -> encoding -> the batch the model is run on.
+    gens = conform("generations", pa.Table.from_pylist(rows))
+    scores = pa.Table.from_pylist(
+        [{"generation_id": r["generation_id"], "score": float(i % 5)} for i, r in enumerate(rows)]
+    )
+    result = build_pairs(
+        gens, scores, PairingConfig(min_margin=0.0, allow_cut_chosen=True, rejected_must_parse=False)
+    )
+    pairs = result.pairs_trace.to_pylist() + result.pairs_empty.to_pylist()
+    assert pairs
+    for pair in pairs:
+        tokens, reason = fit_length(pair_tokens(pair), 4096)
+        assert tokens is not None, reason
+        batch = pairs_batch([tokens], pad_id=-1)
+        for row, side in enumerate(("chosen_generation_id", "rejected_generation_id")):
+            scored = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+            assert scored == full_of[pair[side]]
+
+
+def test_the_trainer_scores_exactly_the_ids_vllm_produced_in_process(
+    resumed: dict[str, Any], checkpoint: str
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    check_token_exact(resumed["result"].rows, resumed["engine_log"], tokenizer)
 
 
 def _free_port() -> int:
@@ -211,9 +287,15 @@ def served(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             proc.wait()
 
 
-def test_http_engine_against_vllms_openai_server(served: str, checkpoint: str, tmp_path: Path) -> None:
+def test_http_engine_against_vllms_openai_server(
+    served: str, checkpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
     config = CONFIG.model_copy(update={"engine": "openai", "base_url": served, "concurrency": 8})
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "io.jsonl"))
     result = run_generate_stage(checkpoint, PROMPTS[:4], config, model_label="embedded", staging_dir=tmp_path)
+    check_token_exact(result.rows, str(tmp_path / "io.jsonl"), AutoTokenizer.from_pretrained(checkpoint))
     assert (result.shards_total, result.shards_generated) == (2, 2)
     assert len(result.rows) == 4 * 2 * CONFIG.samples_per_prompt
     assert {(r["seed"], r["engine"]) for r in result.rows} == {(None, "openai")}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import GenerationConfig
+from pipeline.generation.engine_log import log_request
 from pipeline.generation.vllm_ext import WORKER_EXTENSION
 
 
@@ -110,6 +111,8 @@ class VLLMEngine:
             for s in specs
         ]
         outputs = self._generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
+        for prompt, out in zip(prompts, outputs, strict=True):
+            log_request(prompt, [c.token_ids for c in out.outputs])
         return [[_completion(c) for c in out.outputs] for out in outputs]
 
     def _generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:

@@ -63,3 +63,26 @@ def check_prompt_lengths(
             {"stage": "generate", "row_key": prompt["prompt_id"], "reason": reason, "payload": payload}
         )
     return kept, rejects
+
+
+def training_length_warning(
+    tokenizer: Any, prompts: Sequence[dict[str, Any]], config: GenerationConfig, train_max_length: int
+) -> str | None:
+    """Why some pairs of these (kept) prompts may not fit ``train.max_length``, with the numbers, or None.
+
+    A response of the longer mode can take the prompt's tokens, the prefilled and forced tags and both
+    budgets; pairs longer than ``train.max_length`` are rejected by the reference pass (or have their prompt
+    cut, with ``train.truncation: truncate_prompt_left``), never silently cut.
+    """
+    budgets = config.max_trace_tokens + config.max_answer_tokens
+    needs = [_need(tokenizer, p[PROMPT_IDS_KEY], config) for p in prompts if PROMPT_IDS_KEY in p]
+    over = [n for n in needs if n + budgets > train_max_length]
+    if not over:
+        return None
+    return (
+        f"{len(over)} of {len(needs)} prompts can produce sequences longer than train.max_length "
+        f"{train_max_length}: up to {max(over)} prompt and tag tokens + max_trace_tokens "
+        f"{config.max_trace_tokens} + max_answer_tokens {config.max_answer_tokens} = {max(over) + budgets}; "
+        "such pairs will be rejected at the reference pass (train.truncation) — raise train.max_length to "
+        f"{max(over) + budgets} (generation.max_model_len is {config.max_model_len}) or lower the budgets"
+    )

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import GenerationConfig
 from pipeline.generation.engine import Completion, SamplingSpec
+from pipeline.generation.engine_log import log_request
 from pipeline.http_client import EndpointError, JsonClient
 from pipeline.http_client import api_key_from_env as _key_from_env
 
@@ -153,7 +154,10 @@ class OpenAICompletionsEngine:
                 f"{self.base_url}/completions returned {len(choices) if isinstance(choices, list) else 'no'} "
                 f"choice(s) for n={spec.n}: {str(body)[:300]}"
             )
-        return [self._completion(c) for c in sorted(choices, key=lambda c: int(c.get("index", 0)))]
+        ordered = sorted(choices, key=lambda c: int(c.get("index", 0)))
+        completions = [self._completion(c) for c in ordered]
+        log_request(prompt, [c.get("token_ids") or [] for c in ordered])
+        return completions
 
     def _completion(self, choice: dict[str, Any]) -> Completion:
         text = choice.get("text")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import GenerationConfig
-from pipeline.generation.limits import check_prompt_lengths
+from pipeline.generation.limits import check_prompt_lengths, training_length_warning
 from pipeline.generation.reasoning import MODES
 from pipeline.generation.sampler import Engine
 from pipeline.generation.shards import Shard, ShardStore, plan_shards
@@ -39,6 +39,7 @@ class GenerateStageResult:
     generation_seconds: float = 0.0  # time spent inside shards (engine start excluded)
     engine_start_seconds: float | None = None
     wall_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # e.g. prompts whose pairs may not fit training
     events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -85,10 +86,12 @@ def run_generate_stage(
     tokenizer: Any | None = None,
     engine: Engine | None = None,
     on_event: EventHandler | None = None,
+    train_max_length: int | None = None,
 ) -> GenerateStageResult:
     """Generate (or reuse) every shard for ``prompts`` and return all rows.
 
     ``engine``: generate in this process with this engine instead of the configured one (tests, tools).
+    ``train_max_length``: warn (``result.warnings``) when some prompts' pairs may not fit training.
     ``on_event`` gets ``engine_ready`` and ``shard_done`` events as they happen.
     """
     started = time.perf_counter()
@@ -104,6 +107,9 @@ def run_generate_stage(
     done = {s.index for s in plan if store.finished(s, rows_per_prompt) is not None}
     missing = [s for s in plan if s.index not in done]
     result = GenerateStageResult(rows=[], rejects=rejects, shards_total=len(plan), shards_reused=len(done))
+    if train_max_length is not None:
+        warning = training_length_warning(tokenizer, kept, config, train_max_length)
+        result.warnings += [warning] if warning else []
 
     def handle(event: dict[str, Any]) -> None:
         result.events.append(event)
