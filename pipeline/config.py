@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED_MODEL = "embedded"
 
 
+TOKEN_FORMAT_VERSION = 2
+"""Version of the token layout stored in generations and pairs (docs/method.md §Token-exact sequences)."""
+
+
 class _Section(BaseModel):
     """Base for config sections: unknown keys are an error, not silently ignored."""
 
@@ -116,11 +120,22 @@ class GenerationConfig(_Section):
     max_retries: int = Field(
         3, ge=0, description="openai engine: retries after timeouts, connection errors, 429 and 5xx."
     )
+    logprobs_mode: Literal["raw", "processed"] = Field(
+        "raw",
+        description="Which log-prob of each sampled token the engine stores in generations: 'raw' (the "
+        "model's own, before temperature and top-p: what the sampler/trainer agreement check compares) or "
+        "'processed' (of the distribution actually sampled from; stored as sampler_processed_logprobs, "
+        "and then no agreement check runs). vLLM gives one or the other per engine.",
+    )
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the samples (not where or how fast they are fetched)."""
+        """The settings that decide the samples (not where or how fast they are fetched).
+
+        ``token_format`` is the version of the stored token layout: datasets sampled by an older version
+        (text only, no token ids) are not reused.
+        """
         operational = {"base_url", "api_key_env", "concurrency", "request_timeout_s", "max_retries"}
-        return self.model_dump(mode="json", exclude=operational)
+        return self.model_dump(mode="json", exclude=operational) | {"token_format": TOKEN_FORMAT_VERSION}
 
 
 class VerifiableOptions(_Section):
@@ -270,6 +285,12 @@ class PairingConfig(_Section):
         description="Only well-formed answers (parse_ok) may be rejected; False lets malformed answers be "
         "rejected (chosen answers are always well-formed).",
     )
+    allow_cut_chosen: bool = Field(
+        False,
+        description="Let an answer cut at generation.max_answer_tokens (finish_reason 'length') be chosen. "
+        "Off by default: a cut chosen answer would teach the model to stop mid-answer; each cut answer "
+        "that would otherwise have been chosen is recorded as a reject.",
+    )
 
 
 class LoraSettings(_Section):
@@ -362,7 +383,25 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer pairs are truncated.")
+    max_length: int = Field(
+        512, ge=16, description="Prompt + response tokens of a training sequence (see truncation)."
+    )
+    truncation: Literal["reject", "truncate_prompt_left"] = Field(
+        "reject",
+        description="A pair whose prompt + longer response exceeds max_length: 'reject' it (a reject row "
+        "with the numbers) or cut the prompt from the left; a response is never cut.",
+    )
+    append_eos: Literal["emitted", "always"] = Field(
+        "emitted",
+        description="'emitted': a response ends with end-of-sequence only where the model emitted it; "
+        "'always': append it to every response (the behaviour before token-exact sequences).",
+    )
+    agreement_warn_mean_abs: float = Field(
+        0.05,
+        ge=0.0,
+        description="Warn when the mean |sampler log-prob − reference log-prob| per sampled token of a mode "
+        "exceeds this (nats): the alarm for template, tokenizer, dtype or kernel drift.",
+    )
     bf16: bool | Literal["auto"] = Field(
         "auto",
         description="bf16 autocast with fp32 master weights: 'auto' where it is fast (a GPU of compute "
@@ -486,6 +525,15 @@ class PipelineConfig(_Section):
                 f"generation.max_trace_tokens ({gen.max_trace_tokens}) + max_answer_tokens "
                 f"({gen.max_answer_tokens}) leave no room for the prompt in "
                 f"max_model_len ({gen.max_model_len})"
+            )
+        longest = gen.max_trace_tokens + gen.max_answer_tokens + 16
+        if self.train.max_length < longest:
+            raise ValueError(
+                f"train.max_length ({self.train.max_length}) is below a full reasoning-on response: "
+                f"max_trace_tokens {gen.max_trace_tokens} + max_answer_tokens {gen.max_answer_tokens} + tags "
+                f"and a minimal prompt = {longest}; such pairs could never be trained on whole (responses "
+                "are never cut): raise train.max_length (ideally to generation.max_model_len) or lower "
+                "the budgets"
             )
         return self
 

@@ -17,7 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig
+from pipeline.isolation import isolated, run_isolated
 from pipeline.models import model_identity, resolve_model_path
+from pipeline.reporting.stage_timing import note_engine_start, timed_stage
 from storage import DatasetRef, DatasetStore, schema_for, version_key
 from storage.lineage import generations_for
 from tasks.orchestration import GPU_TAG, HOUR, TRANSIENT_RETRIES
@@ -69,11 +71,14 @@ def _materialize(
     only ever visible together with the record of what it left out.
     """
     logger = get_run_logger()
-    found = store.lookup(kind, config, parents)
-    if found is not None:
-        logger.info("%s: reusing %s (%d rows, same inputs and config)", kind, found.name, found.row_count)
-        return found
-    table, rejects = compute()
+    with timed_stage(store.workspace, _flow_run_id(), kind) as timing:  # the run's stage-timing table
+        found = store.lookup(kind, config, parents)
+        if found is not None:
+            logger.info("%s: reusing %s (%d rows, same inputs and config)", kind, found.name, found.row_count)
+            timing.reused, timing.rows = True, found.row_count
+            return found
+        table, rejects = compute()
+        timing.produced(kind, table)
     if rejects:
         ref = store.put(
             "rejects",
@@ -125,6 +130,8 @@ def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
 
     def on_event(event: dict[str, Any]) -> None:
         logger.info("generate: %s", describe_event(event))
+        if event.get("event") == "engine_ready":
+            note_engine_start()
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
         rows = [r for r in store.read_rows(prompts) if r["split"] == "train"]
@@ -138,7 +145,10 @@ def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
             staging_dir=staging.root,
             trust_remote_code=config.model.trust_remote_code,
             on_event=on_event,
+            train_max_length=config.train.max_length,
         )
+        for warning in result.warnings:
+            logger.warning("generate: %s", warning)
         if not result.rows:
             reasons = "; ".join(sorted({r["reason"] for r in result.rejects})[:3])
             raise ValueError(f"no prompt of {prompts.name} can be generated for: {reasons}")
@@ -165,7 +175,8 @@ def score_task(config: PipelineConfig, prompts: DatasetRef, generations: Dataset
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
         by_id = {p["prompt_id"]: p for p in store.read_rows(prompts)}
-        result = score_generations(store.read_rows(generations), by_id, config.scoring)
+        # In a child process: a reward model's weights leave with it (pipeline/isolation.py).
+        result = run_isolated(score_generations, store.read_rows(generations), by_id, config.scoring)
         return _table("scores", result.rows), result.rejects
 
     return _materialize(
@@ -219,24 +230,74 @@ def reference_logps_task(
     from pipeline.training.reference import compute_reference_logps
 
     store = _store(config)
+    train = config.train
     settings = {
         "ref_model": model_identity(config.model),
-        "max_length": config.train.max_length,
-        "bf16": config.train.bf16,
+        "max_length": train.max_length,
+        "bf16": train.bf16,
+        "truncation": train.truncation,
+        "append_eos": train.append_eos,
     }
+    agreement: list[dict[str, Any]] = []
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
-        rows = compute_reference_logps(
+        result = run_isolated(  # in a child process: the model's memory leaves with it
+            compute_reference_logps,
             resolve_model_path(config.model),
             {"trace": store.read_rows(pairs_trace), "empty": store.read_rows(pairs_empty)},
             model_label=model_identity(config.model),
-            max_length=config.train.max_length,
-            bf16=config.train.bf16,
+            max_length=train.max_length,
+            bf16=train.bf16,
+            truncation=train.truncation,
+            append_eos=train.append_eos,
+            generations=_sampled_generations(store, pairs_trace),
+            sampler_dtype=config.generation.dtype,
             trust_remote_code=config.model.trust_remote_code,
         )
-        return _table("ref_logps", rows), []
+        agreement.extend(result.agreement)
+        return _table("ref_logps", result.rows), result.rejects
 
-    return _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
+    ref = _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
+    if agreement:
+        _register_agreement(config, store, ref, agreement)
+    return ref
+
+
+def _sampled_generations(store: DatasetStore, pairs: DatasetRef) -> dict[str, dict[str, Any]] | None:
+    """Generation rows by id, when the pairs were sampled here (imported pairs have none)."""
+    try:
+        generations = generations_for(store, pairs)
+    except ValueError:
+        return None
+    columns = ["generation_id", "response_segments", "sampler_logprobs"]
+    table = store.read(generations)
+    if "sampler_logprobs" not in table.column_names:
+        return None
+    return {r["generation_id"]: r for r in table.select(columns).to_pylist()}
+
+
+def _register_agreement(
+    config: PipelineConfig, store: DatasetStore, ref: DatasetRef, rows: list[dict[str, Any]]
+) -> None:
+    """Register the sampler/trainer agreement summary, show it as an artifact and warn on drift."""
+    from pipeline.training.reference import agreement_warnings
+
+    logger = get_run_logger()
+    found = store.put(
+        "logp_agreement",
+        _table("logp_agreement", rows),
+        config={"for": ref.name},
+        parents=[ref],
+        flow_run_id=_flow_run_id(),
+    )
+    create_table_artifact(
+        key="logp-agreement",
+        table=[{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+        description=f"Sampler vs reference log-probs per sampled token ({found.name}); "
+        "see docs/method.md §Token-exact sequences.",
+    )
+    for warning in agreement_warnings(rows, config.train.agreement_warn_mean_abs):
+        logger.warning(warning)
 
 
 @task(
@@ -274,7 +335,8 @@ def train_task(
                 row["tokens_per_s"],
             )
 
-        result = train_bvpo(
+        result = run_isolated(  # in a child process: model and optimizer memory leave with it
+            train_bvpo,
             resolve_model_path(config.model),
             store.read_rows(pairs_trace),
             store.read_rows(pairs_empty),
@@ -282,7 +344,7 @@ def train_task(
             config.train,
             checkpoint,
             trust_remote_code=config.model.trust_remote_code,
-            on_step=log_step,
+            callbacks={"on_step": log_step},
             generations=store.read_rows(generations_for(store, pairs_trace)) if probe else None,
         )
         delta["value"] = result.weight_delta_l2
@@ -360,101 +422,25 @@ def evaluate_task(
     parent: DatasetRef,
     baselines: list[EvalModel] | None = None,
 ) -> DatasetRef:
-    """Generate on the eval split with the reference, the trained model and any baselines; score; summarize.
+    """Evaluate the reference, the trained model and any baselines on the eval split (one vLLM engine).
 
-    Every model is generated with the same recorded sampling settings (``eval`` and ``generation``
-    sections), so its ``eval_generations`` version is reused whenever the same model is evaluated again.
+    The stage itself is :func:`pipeline.evaluation.stage.run_evaluation`; models evaluated before with the
+    same settings reuse their ``eval_generations`` version.
     """
-    from pipeline.evaluation.metrics import summarize
-    from pipeline.generation.worker import run_generation
-    from pipeline.scoring.stage import score_generations
+    from pipeline.evaluation.stage import EvalTarget, generate_eval_rows, run_evaluation
 
-    store = _store(config)
-    eval_settings = config.eval.model_dump(mode="json")
-    eval_prompts = [r for r in store.read_rows(prompts) if r["split"] == "eval"]
-    if not eval_prompts:
-        raise ValueError(f"{prompts.name} has no eval-split prompts (prompts.eval_fraction is too small)")
-    by_id = {p["prompt_id"]: p for p in eval_prompts}
-
-    def eval_generations(
-        label: str, model_path: str, identity: str, extra_parents: list[DatasetRef]
-    ) -> DatasetRef:
-        def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
-            rows = run_generation(
-                model_path,
-                eval_prompts,
-                config.generation,
-                model_label=identity,
-                trust_remote_code=config.model.trust_remote_code,
-                samples_per_prompt=config.eval.samples_per_prompt,
-                temperature=config.eval.temperature,
-            )
-            scored = score_generations(rows, by_id, config.scoring.scorers)
-            scores = {s["generation_id"]: s for s in scored.rows}
-            kept = []
-            for row in rows:
-                if row["generation_id"] in scores:
-                    score = scores[row["generation_id"]]
-                    kept.append(
-                        {**row, "model_label": label, "score": score["score"], "checks": score["checks"]}
-                    )
-            return _table("eval_generations", kept), scored.rejects
-
-        settings = {
-            "label": label,
-            "model": identity,
-            "eval": eval_settings,
-            "generation": config.generation.model_dump(mode="json"),
-            "scoring": config.scoring.model_dump(mode="json"),
-        }
-        return _materialize(store, "eval_generations", settings, [prompts, *extra_parents], compute)
-
-    reference = eval_generations(
-        "reference", resolve_model_path(config.model), model_identity(config.model), []
-    )
-    trained = eval_generations("trained", checkpoint, checkpoint, [parent])
-    others = [eval_generations(b.label, b.checkpoint, b.checkpoint, [b.parent]) for b in baselines or []]
-
-    def compute_results() -> tuple[pa.Table, list[dict[str, Any]]]:
-        rows = [row for ref in (reference, trained, *others) for row in store.read_rows(ref)]
-        results = summarize(
-            rows,
-            reference_label="reference",
-            bootstrap_samples=config.eval.bootstrap_samples,
-            seed=config.eval.seed,
-            judgements=_pairwise_judgements(config, rows, by_id) if config.eval.pairwise_judge else None,
+    targets = [
+        EvalTarget("reference", resolve_model_path(config.model), model_identity(config.model)),
+        EvalTarget("trained", checkpoint, checkpoint, (parent,)),
+        *[EvalTarget(b.label, b.checkpoint, b.checkpoint, (b.parent,)) for b in baselines or []],
+    ]
+    # Engine and scorers in a child process: their memory leaves with it (pipeline/isolation.py).
+    generate = isolated(generate_eval_rows, callbacks=("on_event",))
+    with timed_stage(_store(config).workspace, _flow_run_id(), "evaluation"):  # the stage-timing table
+        results, _ = run_evaluation(
+            config, prompts, targets, flow_run_id=_flow_run_id(), logger=get_run_logger(), generate=generate
         )
-        return _table("eval_results", results), []
-
-    return _materialize(store, "eval_results", eval_settings, [reference, trained, *others], compute_results)
-
-
-def _pairwise_judgements(
-    config: PipelineConfig, rows: list[dict[str, Any]], prompts: dict[str, dict[str, Any]]
-) -> dict[tuple[str, str], list[Any]]:
-    """Both-order verdicts of the configured pairwise judge, per (model label, mode), vs the reference."""
-    from pipeline.evaluation.pairwise_judge import items_against_reference, judge_against_reference
-    from pipeline.scoring.openai_chat import OpenAIChatClient
-
-    assert config.eval.pairwise_judge is not None
-    logger = get_run_logger()
-    texts = {pid: p["prompt"] for pid, p in prompts.items()}
-    client = OpenAIChatClient.from_options(config.eval.pairwise_judge)
-    out: dict[tuple[str, str], list[Any]] = {}
-    try:
-        for label in sorted({r["model_label"] for r in rows} - {"reference"}):
-            for mode in ("trace", "empty"):
-                items = items_against_reference(rows, texts, label, mode, "reference")
-                result = judge_against_reference(client, items)
-                if result.unreadable:
-                    logger.warning(
-                        "pairwise judge: %d of %d verdicts for %s (%s) were unreadable and count as ties",
-                        result.unreadable, 2 * len(items), label, mode,
-                    )  # fmt: skip
-                out[(label, mode)] = result.judgements
-    finally:
-        client.close()
-    return out
+    return results
 
 
 @task(name="eval-report", cache_policy=NO_CACHE, timeout_seconds=600)
