@@ -30,6 +30,7 @@ from flows.artifacts import (
     train_artifacts,
 )
 from pipeline.config import ALPHA_BASELINES, PipelineConfig
+from pipeline.reporting.stage_timing import publish_flow_artifact as stage_timing_artifact
 from storage import CatalogError, DatasetRef, DatasetStore
 from tasks.stages import (
     EvalModel,
@@ -176,6 +177,7 @@ def bvpo_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineOutput: 
     )
     summary = build_summary(config, data, train, results, baselines)
     create_markdown_artifact(key="bvpo-run-summary", markdown=summary_markdown(summary))
+    stage_timing_artifact(DatasetStore(config.workspace).workspace)  # where the time went, per stage
     logger.info("Run complete. Catalog: %s", summary["paths"]["catalog"])
     return PipelineOutput(data=data, train=train, baselines=baselines, eval_results=results, summary=summary)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.reporting.run_markdown import run_markdown
 from pipeline.reporting.run_stats import RunStats
+from pipeline.reporting.stage_timing import report_section
 from storage import DatasetStore
 from storage.runs import CatalogView, Entry, collect_run
 
@@ -81,6 +82,9 @@ def write_run_report(
         figures.append(_stack_pngs(figures, out_dir / "report.png"))
     step("writing the Markdown")
     text = run_markdown(store, run, stats, metrics, evals, curves, chart, title, (probe_rows, probe))
+    timing = report_section(store.workspace, sorted({e.flow_run_id for e in run.lineage if e.flow_run_id}))
+    if timing:  # "Where the time went" (pipeline/reporting/stage_timing.py)
+        text = text.rstrip("\n") + "\n" + "\n".join(timing) + "\n"
     markdown = out_dir / REPORT_NAME
     markdown.write_text(text, encoding="utf-8")
     return RunReport(markdown, figures, anchor.name, [e.name for e in run.lineage])
