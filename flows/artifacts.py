@@ -44,6 +44,7 @@ def build_summary(
         data.pairs_empty,
         data.ref_logps,
     ]
+    datasets = [ref for ref in datasets if ref is not None]  # imported pairs: no generations, scores
     return {
         "datasets": {
             ref.kind: {"name": ref.name, "rows": ref.row_count} for ref in [*datasets, train.metrics, results]
@@ -111,6 +112,7 @@ def datasets_artifact(refs: list[DatasetRef], key: str, new: set[str] | None = N
 def refresh_markdown(out: DataRefreshOutput, new: set[str]) -> str:
     """Summary of a data refresh: datasets registered or reused, pairs per mode."""
     refs = [out.prompts, out.generations, out.scores, out.pairs_trace, out.pairs_empty, out.ref_logps]
+    refs = [ref for ref in refs if ref is not None]  # imported pairs: no generations, scores
     lines = [
         "# Data refresh",
         "",

@@ -261,7 +261,10 @@ def _setup(run: RunDatasets) -> dict[str, str]:
             f"{x.get('label') or x.get('name')} (weight {x.get('weight')})" if isinstance(x, dict) else str(x)
             for x in scorers
         )
-    if (pt := run.one("pairs_trace")) is not None:
+    if (pt := run.one("pairs_trace")) is not None and pt.config.get("imported_from"):
+        sources = ", ".join(f"`{s}`" for s in pt.config["imported_from"])
+        out["pairing"] = f"imported from {sources}: these pairs were not sampled, scored or paired here"
+    elif pt is not None:
         c = pt.config
         ratio = c.get("max_length_ratio")
         out["pairing"] = f"min margin {c.get('min_margin')}" + (
