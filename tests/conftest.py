@@ -11,3 +11,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bvpo-prefect-home-"))
 os.environ.pop("PREFECT_API_URL", None)
+# Stages run in the test process (tests patch engines and crash points there); the tests of
+# pipeline/isolation.py and of memory across stages turn child processes back on.
+os.environ.setdefault("BVPO_ISOLATE_STAGES", "0")
