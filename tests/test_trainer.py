@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -148,61 +147,56 @@ def test_missing_mode_data_is_a_clear_error() -> None:
     BVPOTrainer(tiny_model(), random_pairs(2, 1, "t"), [], _config(alpha=1.0), pad_id=0)
 
 
+def _train_rank(out: str, strategy: str) -> None:
+    config = _config(alpha=0.4, max_steps=3, distributed=strategy)
+    trainer = BVPOTrainer(tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), config, 0)
+    trainer.train()
+    params = trainer.full_model_state_dict()  # collective under FSDP
+    if trainer.rank == 0:
+        torch.save({"params": params, "metrics": trainer.metrics}, out)
+
+
 def _distributed_worker(rank: int, world: int, init_file: str, out: str, strategy: str) -> None:
     import datetime
+    import functools
 
-    import torch.distributed as dist
+    from pipeline.training.launch import run_in_process_group
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks live on this machine
-    # One intra-op thread per rank: two ranks with a full OpenMP pool each oversubscribe the cores, and
-    # spinning OpenMP workers can starve gloo's transport threads for minutes.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # two ranks on a shared 2-core machine: no oversubscribed OpenMP pools
     # Spawned ranks inherit the parent's CPU affinity; an earlier in-process engine may have pinned it.
     os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    dist.init_process_group(
-        "gloo",
+    # The trainer (and its DDP reducer) lives only inside _train_rank, so it is gone before the group is
+    # destroyed (run_in_process_group explains the deadlock of the other order).
+    run_in_process_group(
+        functools.partial(_train_rank, out, strategy),
+        backend="gloo",
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=120),  # a stuck collective raises instead of hanging the suite
     )
-    try:
-        config = _config(alpha=0.4, max_steps=3, distributed=strategy)
-        trainer = BVPOTrainer(tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), config, 0)
-        trainer.train()
-        params = trainer.full_model_state_dict()  # collective under FSDP
-        if rank == 0:
-            torch.save({"params": params, "metrics": trainer.metrics}, out)
-    finally:
-        dist.destroy_process_group()
 
 
-@pytest.mark.timeout(420)  # two attempts of at most 150 s each, then the single-process run
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None:
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp.pt"
-    # Known issue: in the full suite the ranks have stalled intermittently (never when run alone). A stall
-    # gets one fresh retry, with a warning; a second stall fails the test.
-    for attempt in (1, 2):
-        ranks = mp.start_processes(
-            _distributed_worker,
-            args=(2, str(tmp_path / f"init-{attempt}"), str(out), strategy),
-            nprocs=2,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + 150
-        while not ranks.join(timeout=5) and time.monotonic() < deadline:
-            pass
-        if all(p.exitcode is not None for p in ranks.processes):
-            break
-        for process in ranks.processes:
-            process.kill()
-        if attempt == 2:
-            pytest.fail(f"{strategy}: the two gloo ranks stalled twice (150 s each)")
-        warnings.warn(f"{strategy}: the gloo ranks stalled for 150 s; retrying once", stacklevel=1)
+    ranks = mp.start_processes(
+        _distributed_worker,
+        args=(2, str(tmp_path / "init"), str(out), strategy),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 200
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{strategy}: the two gloo ranks did not finish within 200 s")
     single = BVPOTrainer(
         tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), _config(alpha=0.4, max_steps=3), 0
     )
