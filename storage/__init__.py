@@ -7,7 +7,13 @@ from storage.catalog import Catalog, CatalogError, DatasetRef
 from storage.export import FORMATS, write_result
 from storage.lakefs import LakeFS
 from storage.parquet_io import DatasetReadError
-from storage.query import QueryError, QueryRefused, run_readonly_arrow, run_readonly_query
+from storage.query import (
+    QueryError,
+    QueryRefused,
+    run_readonly_arrow,
+    run_readonly_preview,
+    run_readonly_query,
+)
 from storage.schemas import KINDS, SchemaError, conform, schema_for
 from storage.store import DatasetStore, version_key
 
@@ -25,6 +31,7 @@ __all__ = [
     "SchemaError",
     "conform",
     "run_readonly_arrow",
+    "run_readonly_preview",
     "run_readonly_query",
     "schema_for",
     "version_key",

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from storage.catalog import Catalog, dataset_glob, sql_literal
 from storage.lakefs import LakeFS
 from storage.sql_guard import QueryError, QueryRefused, check_read_only
 
-__all__ = ["QueryError", "QueryRefused", "run_readonly_arrow", "run_readonly_query"]
+__all__ = ["QueryError", "QueryRefused", "run_readonly_arrow", "run_readonly_preview", "run_readonly_query"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -45,6 +47,57 @@ def run_readonly_query(
 
 def run_readonly_arrow(catalog: Catalog, lake: Path | str | LakeFS, sql: str) -> pa.Table:
     """Run one or more read statements; return the result of the last one as an Arrow table."""
+    with _readonly_session(catalog, lake, sql) as (conn, queries):
+        result: pa.Table | None = None
+        for query in queries:
+            try:
+                relation = conn.sql(query)
+                result = relation.to_arrow_table() if relation is not None else None
+            except duckdb.Error as exc:
+                raise QueryError(str(exc).splitlines()[0]) from exc
+        return result if result is not None else pa.table({})
+
+
+def run_readonly_preview(
+    catalog: Catalog, lake: Path | str | LakeFS, sql: str, max_rows: int
+) -> tuple[pa.Table, int]:
+    """Like :func:`run_readonly_arrow`, but keep only the first ``max_rows`` rows of the last result.
+
+    The result is streamed in record batches: rows past ``max_rows`` are counted, never held, so a preview
+    of ``select * from range(10000000)`` costs the memory of one batch. Returns the kept rows and the total.
+    """
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    with _readonly_session(catalog, lake, sql) as (conn, queries):
+        kept: pa.Table = pa.table({})
+        total = 0
+        for index, query in enumerate(queries):
+            try:
+                relation = conn.sql(query)
+                if relation is None:
+                    kept, total = pa.table({}), 0
+                    continue
+                if index < len(queries) - 1:  # an earlier statement: run it, as the full query does
+                    relation.to_arrow_table()
+                    continue
+                reader = relation.to_arrow_reader(batch_size=max(min(max_rows, 100_000), 1024))
+                batches, total = [], 0
+                for batch in reader:
+                    room = max_rows - total
+                    if room > 0:
+                        batches.append(batch.slice(0, room))
+                    total += batch.num_rows
+                kept = pa.Table.from_batches(batches, schema=reader.schema)
+            except duckdb.Error as exc:
+                raise QueryError(str(exc).splitlines()[0]) from exc
+        return kept, total
+
+
+@contextmanager
+def _readonly_session(
+    catalog: Catalog, lake: Path | str | LakeFS, sql: str
+) -> Iterator[tuple[duckdb.DuckDBPyConnection, list[str]]]:
+    """A private in-memory connection with the guards of this module in place, and the checked statements."""
     lake_fs = lake if isinstance(lake, LakeFS) else LakeFS(lake)
     with (
         tempfile.TemporaryDirectory(prefix="bvpo-sql-") as spill,
@@ -58,14 +111,7 @@ def run_readonly_arrow(catalog: Catalog, lake: Path | str | LakeFS, sql: str) ->
         conn.execute("SET enable_external_access=false")
         conn.execute("SET lock_configuration=true")
         _load_catalog(conn, snapshot, set(_IDENTIFIER.findall(sql.lower())))
-        result: pa.Table | None = None
-        for query in queries:
-            try:
-                relation = conn.sql(query)
-                result = relation.to_arrow_table() if relation is not None else None
-            except duckdb.Error as exc:
-                raise QueryError(str(exc).splitlines()[0]) from exc
-        return result if result is not None else pa.table({})
+        yield conn, list(queries)
 
 
 def _config(spill: str) -> dict[str, Any]:

@@ -254,3 +254,68 @@ def test_cli_datasets_and_lineage(store: DatasetStore) -> None:
     assert "rejects__v2" in chain.stdout and '  config: {"n": 2}' in chain.stdout
     missing = runner.invoke(app, ["lineage", "rejects__v9", "-w", str(store.workspace)])
     assert missing.exit_code == 1 and "no registered dataset matches 'rejects__v9'" in missing.stderr
+
+
+# --- bvpo sql: a bounded table, queries from a file or stdin ------------------------------------------
+
+
+def test_cli_table_shows_a_bounded_number_of_rows_and_says_how_to_get_all(store: DatasetStore) -> None:
+    code, out, err = _cli(store, "select range as i from range(100000)")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "i" and lines[1:] == [str(i) for i in range(40)]
+    assert "99,960 more row(s) not shown (40 of 100,000)" in err
+    assert "--format csv" in err and "--output FILE" in err and "--max-rows" in err
+    code, out, err = _cli(store, "select range as i from range(100000)", "--max-rows", "3")
+    assert code == 0 and out.splitlines() == ["i", "0", "1", "2"] and "99,997 more" in err
+    code, out, _ = _cli(store, "select range as i from range(100000)", "--format", "csv")
+    assert code == 0 and len(out.splitlines()) == 100001  # other formats are never cut
+
+
+def test_cli_table_of_a_result_that_fits_has_no_footer(store: DatasetStore) -> None:
+    code, out, err = _cli(store, "select range as i from range(40)")
+    assert code == 0 and len(out.splitlines()) == 41 and "not shown" not in err
+    code, out, err = _cli(store, "select 1 as a where false")
+    assert code == 0 and out.splitlines() == ["a"] and err == ""
+
+
+def test_preview_streams_the_last_statement_and_counts_what_it_leaves_out(store: DatasetStore) -> None:
+    from storage import run_readonly_preview
+
+    kept, total = run_readonly_preview(
+        store.catalog, store.lake, "select 1; select range as i from range(2500000)", 7
+    )
+    assert kept.column_names == ["i"] and kept.column("i").to_pylist() == list(range(7))
+    assert total == 2_500_000
+    kept, total = run_readonly_preview(
+        store.catalog, store.lake, "select * from rejects order by row_key", 10
+    )
+    assert total == 3 and kept.num_rows == 3
+
+
+def test_cli_reads_the_query_from_a_file_or_stdin(store: DatasetStore, tmp_path: Path) -> None:
+    # a query far longer than one command-line argument may be (128 KiB on Linux)
+    members = ", ".join(str(i) for i in range(0, 90_000, 3))
+    long_query = f"select count(*) as n from range(90) where range in ({members})"
+    assert len(long_query) > 128 * 1024
+    (tmp_path / "q.sql").write_text(long_query)
+    code, out, _ = _cli(store, "--file", str(tmp_path / "q.sql"))
+    assert code == 0 and out.splitlines() == ["n", "30"]
+    runner = CliRunner()
+    for args in (["-"], ["--file", "-"]):
+        result = runner.invoke(app, ["sql", "-w", str(store.workspace), *args], input="select 2 as two\n")
+        assert result.exit_code == 0 and result.stdout.splitlines() == ["two", "2"], args
+
+
+def test_cli_needs_exactly_one_readable_non_empty_query(store: DatasetStore, tmp_path: Path) -> None:
+    (tmp_path / "q.sql").write_text("select 1")
+    (tmp_path / "empty.sql").write_text("  \n")
+    cases = {
+        (): "no query",
+        ("select 1", "--file", str(tmp_path / "q.sql")): "both a query and --file",
+        ("--file", str(tmp_path / "missing.sql")): "cannot read the query file",
+        ("--file", str(tmp_path / "empty.sql")): "the query is empty",
+    }
+    for args, message in cases.items():
+        code, out, err = _cli(store, *args)
+        assert code == 2 and out == "" and message in err, (args, err)

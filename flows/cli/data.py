@@ -21,9 +21,19 @@ class SqlFormat(StrEnum):
     parquet = "parquet"
 
 
+DEFAULT_MAX_ROWS = 40
+"""Rows the terminal table of ``bvpo sql`` shows; the rest are counted and the footer says how to get them."""
+
+
 @app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="A read-only SQL query over the dataset views.")],
+    query: Annotated[
+        str | None,
+        typer.Argument(help="A read-only SQL query over the dataset views; '-' reads it from stdin."),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Read the query from FILE ('-': from stdin).")
+    ] = None,
     workspace: WorkspaceOpt = Path("workspace"),
     format_: Annotated[
         SqlFormat,
@@ -32,19 +42,29 @@ def sql(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the result to FILE (csv, json, parquet).")
     ] = None,
+    max_rows: Annotated[
+        int,
+        typer.Option(
+            "--max-rows", min=1, help="Rows the table shows; the others are counted (csv/json/parquet: all)."
+        ),
+    ] = DEFAULT_MAX_ROWS,
     debug: DebugOpt = False,
 ) -> None:
     """Run a read-only SQL query over the catalog (one view per dataset kind, plus kind__v<N>).
 
     Only SELECT (and EXPLAIN of a SELECT) runs; anything that could write is refused with exit code 1.
+    The query comes as an argument, from a file (--file) or from stdin ('-'). The table shows the first
+    --max-rows rows and says how many it left out; --format csv/json/parquet gives every row.
 
     Examples:
       bvpo sql "select count(*) from generations"
       bvpo sql "select mode, avg(score) from scores group by mode"
+      bvpo sql --file query.sql --format csv --output result.csv
+      echo "select * from prompts" | bvpo sql - --max-rows 10
       bvpo sql "select * from pairs_trace" --format parquet --output pairs.parquet
       bvpo sql "select * from datasets" --format json
     """
-    from storage import DatasetStore, QueryRefused, run_readonly_arrow, write_result
+    from storage import DatasetStore, QueryRefused, run_readonly_arrow, run_readonly_preview, write_result
 
     if format_ is SqlFormat.table and output is not None:
         err.print("[red]error:[/red] --output needs --format csv, json or parquet")
@@ -52,9 +72,14 @@ def sql(
     if format_ is SqlFormat.parquet and output is None:
         err.print("[red]error:[/red] --format parquet needs --output FILE")
         raise typer.Exit(code=2)
+    text = _query_text(query, file)
     store = DatasetStore(workspace)
+    total = 0
     try:
-        result = run_readonly_arrow(store.catalog, store.lake, query)
+        if format_ is SqlFormat.table:
+            result, total = run_readonly_preview(store.catalog, store.lake, text, max_rows)
+        else:
+            result = run_readonly_arrow(store.catalog, store.lake, text)
     except QueryRefused as exc:
         err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
@@ -64,6 +89,8 @@ def sql(
     if format_ is SqlFormat.table:
         columns = [c.to_pylist() for c in result.columns]
         print_rows(result.column_names, list(zip(*columns, strict=True)) if columns else [])
+        if total > result.num_rows:
+            err.print(_left_out_line(result.num_rows, total), markup=False, highlight=False, soft_wrap=True)
         return
     try:
         write_result(result, format_.value, output, None if output else sys.stdout.buffer)
@@ -72,6 +99,36 @@ def sql(
         return
     if output is not None:
         err.print(f"wrote {result.num_rows} rows to {output}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _query_text(query: str | None, file: Path | None) -> str:
+    """The query from the argument, ``--file`` or stdin (``-``); exit 2 unless exactly one source is given."""
+    if (query is None) == (file is None):
+        which = "both a query and --file" if query is not None else "no query"
+        err.print(f"[red]error:[/red] {which}: give a query, '-' (stdin) or --file PATH")
+        raise typer.Exit(code=2)
+    if query is not None and query != "-":
+        text = query
+    elif file is not None and str(file) != "-":
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            err.print(f"[red]error:[/red] cannot read the query file {file}: {exc.strerror or exc}")
+            raise typer.Exit(code=2) from None
+    else:
+        text = sys.stdin.read()
+    if not text.strip():
+        err.print("[red]error:[/red] the query is empty")
+        raise typer.Exit(code=2)
+    return text
+
+
+def _left_out_line(shown: int, total: int) -> str:
+    """The footer under a truncated table: how many rows were left out and how to get them all."""
+    return (
+        f"… {total - shown:,} more row(s) not shown ({shown:,} of {total:,}). All rows: --format csv or "
+        "json (stdout), or --format csv|json|parquet --output FILE; more on screen: --max-rows N."
+    )
 
 
 @app.command()
