@@ -33,7 +33,7 @@ POINTS: tuple[tuple[str, str, str], ...] = (
     ("storage.catalog", "CatalogWriter.insert", "after"),  # committed, catalog lock still held
     ("pipeline.generation.runner", "generate_responses", "after"),  # a shard sampled, not written
     ("pipeline.generation.shards", "ShardStore.write", "after"),
-    ("pipeline.generation.worker", "run_generation", "after"),  # evaluation: one model's samples
+    ("pipeline.evaluation.engine", "generate_for_models", "after"),  # evaluation: every model's samples
     ("pipeline.scoring.stage", "_run", "after"),  # scored, not registered
     ("pipeline.pairing", "build_pairs", "after"),
     ("pipeline.training.trainer", "BVPOTrainer.train_step", "after"),
@@ -96,15 +96,17 @@ def run_stage(stage: str, config: Any, inputs: dict[str, Any]) -> Any:
 
 def _run_request(request_path: str) -> None:
     """Run the stage of a request, stopping (for the SIGKILL) at its crash point."""
+    import pipeline.evaluation.engine as eval_engine
     import pipeline.generation.worker as worker
     from pipeline.config import PipelineConfig
     from storage import DatasetRef
-    from tests.reliability_helpers import fake_child_process, quiet_prefect
+    from tests.reliability_helpers import fake_child_process, fake_eval_engine, quiet_prefect
 
     request = json.loads(Path(request_path).read_text())
     if request.get("fake_engine", True):
         for name, value in fake_child_process().items():
             setattr(worker, name, value)
+        eval_engine.generate_for_models = fake_eval_engine()  # type: ignore[assignment]
     config = PipelineConfig.model_validate(request["config"])
     inputs = {k: DatasetRef(**v) if isinstance(v, dict) else v for k, v in request["inputs"].items()}
     kill_at, flag = int(request["kill_at"]), Path(request["flag"])

@@ -22,6 +22,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+import pipeline.evaluation.engine as eval_engine
 import pipeline.generation.worker as worker
 import storage.parquet_io as pio
 import tasks.stages as stages
@@ -87,6 +88,7 @@ def no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(worker, "run_shards_in_child", refuse)
     monkeypatch.setattr(worker, "run_generation", refuse)
+    monkeypatch.setattr(eval_engine, "generate_for_models", refuse)
 
 
 def _snapshot(workspace: Path) -> tuple[list[tuple[str, str, int]], list[str]]:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+import pipeline.evaluation.engine as eval_engine
 import pipeline.generation.worker as worker
 import tasks.stages as stages
 from flows.cli import app
@@ -331,14 +332,14 @@ def test_the_flag_reaches_the_generation_and_evaluation_engines_only_as_set(
     seen: list[tuple[str, bool]] = []
     fake = install_fake_child_process  # the real in-process replacements, wrapped to record the flag
     fake(monkeypatch)
-    for name in ("run_shards_in_child", "run_generation"):
-        original = getattr(worker, name)
+    for module, name in ((worker, "run_shards_in_child"), (eval_engine, "generate_for_models")):
+        original = getattr(module, name)
 
         def record(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
             seen.append((_name, kwargs["trust_remote_code"]))
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(worker, name, record)
+        monkeypatch.setattr(module, name, record)
     overrides = {"model": {"trust_remote_code": True}} if explicit else {}
     config = pipeline_config(tmp_path / "ws", tiny, write_prompt_file(tmp_path / "p.jsonl", 8), **overrides)
     with quiet_prefect():
@@ -347,8 +348,7 @@ def test_the_flag_reaches_the_generation_and_evaluation_engines_only_as_set(
         stages.evaluate_task.fn(config, prompts, str(tiny), prompts)
     assert seen == [
         ("run_shards_in_child", explicit),
-        ("run_generation", explicit),  # the reference model
-        ("run_generation", explicit),  # the evaluated checkpoint
+        ("generate_for_models", explicit),  # the reference and the checkpoint, one engine
     ]
 
 
