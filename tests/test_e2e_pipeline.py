@@ -11,11 +11,26 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.config import load_config
-from storage import DatasetStore, run_readonly_query
+from storage import DatasetRef, DatasetStore
+from storage.runs import CatalogView
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stage_rejects(store: DatasetStore, output: DatasetRef) -> list[dict]:
+    """The rejects a stage registered next to ``output``: same parents, config ``{"for": kind, ...}``."""
+    view = CatalogView(store)
+    made = view.get(output.qualified)
+    assert made is not None
+    found = [
+        e
+        for e in view.entries
+        if e.kind == "rejects" and e.parents == made.parents and e.config == {"for": made.kind, **made.config}
+    ]
+    assert len(found) <= 1, found
+    return store.read_rows(found[0].ref) if found else []
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +63,12 @@ def test_every_dataset_is_registered_with_expected_rows(tiny_run) -> None:
     assert {g["mode"] for g in gens} == {"trace", "empty"}
     assert all(g["trace"] for g in gens if g["mode"] == "trace")
     assert all(g["trace"] is None for g in gens if g["mode"] == "empty")
-    # Every generation is scored, or recorded as rejected with a reason.
-    rejected = run_readonly_query(
-        store.catalog, store.lake, "select count(*) from datasets where kind = 'rejects'"
-    )[1][0][0]
-    assert out.data.scores.row_count == len(gens) or rejected > 0
+    # Every generation is scored exactly once or recorded as rejected by the score stage, never both.
+    scored = [s["generation_id"] for s in store.read_rows(out.data.scores)]
+    rejected = [r["row_key"] for r in _stage_rejects(store, out.data.scores)]
+    assert len(scored) == len(set(scored)) == out.data.scores.row_count
+    assert set(scored).isdisjoint(rejected) and len(rejected) == len(set(rejected))
+    assert sorted(scored + rejected) == sorted(g["generation_id"] for g in gens)
     assert 0 < out.data.pairs_trace.row_count <= len(train_prompts)
     assert 0 < out.data.pairs_empty.row_count <= len(train_prompts)
     assert out.data.ref_logps.row_count == out.data.pairs_trace.row_count + out.data.pairs_empty.row_count
