@@ -1,17 +1,16 @@
-"""The MSE-optimal mixing weight α* and the trace-induced variance, estimated from gradient samples.
+"""The MSE-optimal mixing weight α*, its bootstrap interval and the MSE(α) curve, from per-example terms.
 
-DESIGN.md §1: with G the marginal gradient, ``MSE(α) = E‖α g_t + (1−α) g_e − G‖²`` is minimized by
+docs/method.md §MSE-optimal α: with G the marginal gradient, ``MSE(α) = E‖α g_t + (1−α) g_e − G‖²
+= B − 2αN + α²D`` with ``N = E⟨g_e − G, g_e − g_t⟩``, ``D = E‖g_t − g_e‖²``, ``B = E‖g_e − G‖²``, minimized by
 
-    α* = E⟨g_e − G, g_e − g_t⟩ / E‖g_t − g_e‖²        (clipped to [0, 1])
+    α* = N / D        (clipped to [0, 1])
 
-and the trace-induced variance of the mixture is ``Var_r[g_c] = α² Var_r[g_t]``. G is estimated per
-(x, y) from K sampled traces with self-normalized weights ``w_k ∝ π_θ(y | x, r_k)``:
-``Ĝ = Σ_k w_k ∇ log π_θ(r_k, y | x)`` (:func:`marginal_gradient`).
-
-Shapes: N examples, K traces per example, D gradient dimensions (a parameter subset or a projection).
-Ĝ may be one estimate per example (``[N, D]``) or one per trace sample (``[N, K, D]``): the gradient probe
-(:mod:`pipeline.training.grad_probe`) passes, for trace sample k, a Ĝ built from the *other* traces, so that
-``⟨Ĝ, g_t⟩`` carries no covariance from a shared trace and the numerator stays unbiased.
+:func:`stats_from_terms` takes the per-example ``N, D, B`` (the gradient probe computes them under the
+trainer's trace distribution, :mod:`pipeline.training.probe_estimator`) and returns α̂*, the curve on a
+grid, and percentile-bootstrap intervals over examples. :func:`estimate_gradient_stats` builds the terms from
+gradient samples (``g_t`` ``[N, K, D]``, ``g_e`` ``[N, D]``, ``Ĝ`` ``[N, D]`` or one per trace sample
+``[N, K, D]``) for synthetic checks; :func:`marginal_gradient` is the self-normalized estimate of
+docs/method.md §Estimating α*.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+ALPHA_GRID = tuple(i / 10 for i in range(11))  # α values of the reported MSE(α) curve
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,68 @@ class GradientStats:
     ci_high: float
     numerator: float  # E⟨g_e − Ĝ, g_e − g_t⟩
     denominator: float  # E‖g_t − g_e‖²
-    trace_variance: float  # E_x tr Var_r[g_t] (needs K ≥ 2; NaN otherwise)
+    trace_variance: float  # E_x tr Var_r[g_t] (NaN when not measurable)
     bias_t: float  # ‖E(g_t − Ĝ)‖
     bias_e: float  # ‖E(g_e − Ĝ)‖
     n: int
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    mse: tuple[float, ...] = ()  # MSE(α) = B − 2αN + α²D on alpha_grid
+    mse_low: tuple[float, ...] = ()  # percentile-bootstrap 95% interval per grid point
+    mse_high: tuple[float, ...] = ()
+    empty_error: float = float("nan")  # B = E‖g_e − G‖²
+
+
+def mse_at(alpha: float, empty_error: float, numerator: float, denominator: float) -> float:
+    """``MSE(α) = B − 2αN + α²D`` (docs/method.md §MSE-optimal α: the quadratic in α)."""
+    return empty_error - 2 * alpha * numerator + alpha**2 * denominator
+
+
+def stats_from_terms(
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    empty_error: torch.Tensor,
+    *,
+    trace_variance: float,
+    bias_t: float,
+    bias_e: float,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    grid: tuple[float, ...] = ALPHA_GRID,
+) -> GradientStats:
+    """α̂* and the MSE(α) curve from per-example terms ``[N]``, with bootstrap intervals over examples.
+
+    ``α̂* = clip(mean N / mean D, 0, 1)``; ``MSE(α) = mean B − 2α mean N + α² mean D`` on ``grid``.
+    """
+    numerator, denominator, empty_error = numerator.double(), denominator.double(), empty_error.double()
+    n = int(numerator.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n, (bootstrap, n), generator=generator)
+    boot = sorted(alpha_from_terms(numerator[idx], denominator[idx]) for idx in draws)
+    alphas = torch.tensor(grid, dtype=torch.float64)
+
+    def curve(idx: torch.Tensor | slice) -> torch.Tensor:
+        b, nu, de = empty_error[idx].mean(-1), numerator[idx].mean(-1), denominator[idx].mean(-1)
+        return b.unsqueeze(-1) - 2 * alphas * nu.unsqueeze(-1) + alphas**2 * de.unsqueeze(-1)
+
+    point = curve(slice(None))
+    boot_curves = curve(draws).sort(0).values  # [bootstrap, len(grid)]
+    low, high = int(0.025 * (bootstrap - 1)), int(0.975 * (bootstrap - 1))
+    return GradientStats(
+        alpha_star=alpha_from_terms(numerator, denominator),
+        ci_low=boot[low],
+        ci_high=boot[high],
+        numerator=float(numerator.mean()),
+        denominator=float(denominator.mean()),
+        trace_variance=trace_variance,
+        bias_t=bias_t,
+        bias_e=bias_e,
+        n=n,
+        alpha_grid=tuple(grid),
+        mse=tuple(point.tolist()),
+        mse_low=tuple(boot_curves[low].tolist()),
+        mse_high=tuple(boot_curves[high].tolist()),
+        empty_error=float(empty_error.mean()),
+    )
 
 
 def marginal_gradient(trace_grads: torch.Tensor, answer_logps: torch.Tensor) -> torch.Tensor:
@@ -106,22 +165,19 @@ def estimate_gradient_stats(
             f"got {tuple(g_t.shape)}, {tuple(g_e.shape)}, {tuple(g_hat.shape)}"
         )
     g_t, g_e, g_hat = g_t.double(), g_e.double(), g_hat.double()
-    n, k, _ = g_t.shape
+    k = g_t.shape[1]
     numerator, denominator = _ratio_terms(g_t, g_e, g_hat)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, n, (bootstrap, n), generator=generator)
-    boot = sorted(alpha_from_terms(numerator[idx], denominator[idx]) for idx in draws)
     g_hat_k = _per_trace(g_hat, k)
-    return GradientStats(
-        alpha_star=alpha_from_terms(numerator, denominator),
-        ci_low=boot[int(0.025 * (bootstrap - 1))],
-        ci_high=boot[int(0.975 * (bootstrap - 1))],
-        numerator=float(numerator.mean()),
-        denominator=float(denominator.mean()),
+    empty_error = (g_e.unsqueeze(1) - g_hat_k).pow(2).sum(-1).mean(1)  # plug-in B per example
+    return stats_from_terms(
+        numerator,
+        denominator,
+        empty_error,
         trace_variance=trace_variance(g_t),
         bias_t=float((g_t - g_hat_k).mean((0, 1)).norm()),
         bias_e=float((g_e.unsqueeze(1) - g_hat_k).mean((0, 1)).norm()),
-        n=n,
+        bootstrap=bootstrap,
+        seed=seed,
     )
 
 
