@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.training.encoding import TokenizedPair
 from pipeline.training.mfu import flop_model, matmul_peak
 from pipeline.training.packing import pack_pairs
-from pipeline.training.sequences import TokenizedPair
 from pipeline.training.trainer import BVPOTrainer
 from tests.tiny_lm import random_pairs, tiny_model
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from pipeline.training.encoding import TokenizedPair
 from pipeline.training.packing import pack_pairs, packed_logps, packed_mask, shares_prefix
-from pipeline.training.sequences import TokenizedPair, pairs_batch, sequence_logps
+from pipeline.training.sequences import pairs_batch, sequence_logps
 from tests.tiny_lm import VOCAB, tiny_model
 
 

@@ -53,6 +53,9 @@ def pairs_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> SequenceBatch:
 
 
 HEAD_CHUNK = 256  # positions per LM-head chunk
+# Logit elements (positions × vocabulary) above which the head's chunks are recomputed in the backward pass
+# instead of kept: below it (e.g. 400 positions × 49k vocabulary ≈ 80 MB in fp32) keeping them is cheaper.
+HEAD_CHECKPOINT_ELEMENTS = 1 << 25
 
 
 def _chunk_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,13 +68,17 @@ def _chunk_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torc
 def _token_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-probs of ``targets`` ``[M]`` from hidden states ``[M, H]``, in chunks of positions.
 
-    With gradients on, each chunk is checkpointed: its ``[chunk, vocab]`` logits are recomputed in the
-    backward pass instead of being kept, so the vocabulary projection never holds ``[M, vocab]`` at once.
+    With gradients on and more than ``HEAD_CHECKPOINT_ELEMENTS`` logits, each chunk is checkpointed: its
+    ``[chunk, vocab]`` logits are recomputed in the backward pass instead of being kept, so the vocabulary
+    projection never holds ``[M, vocab]`` at once.
     """
+    weight = getattr(head, "weight", None)
+    vocab = int(weight.shape[0]) if weight is not None else 0
+    recompute = torch.is_grad_enabled() and hidden.shape[0] * vocab > HEAD_CHECKPOINT_ELEMENTS
     chunks = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
         h, t = hidden[start : start + HEAD_CHUNK], targets[start : start + HEAD_CHUNK]
-        if torch.is_grad_enabled():
+        if recompute:
             chunks.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
         else:
             chunks.append(_chunk_logps(head, h, t))
