@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from pipeline.config import PipelineConfig
+from pipeline.reporting.stage_timing import read_timings, stage_markdown
 from storage import DatasetRef, DatasetStore
 from tasks.stages import TrainOutput, read_rows, workspace_paths
 
@@ -222,6 +223,20 @@ def eval_artifacts(
         markdown=eval_markdown(checkpoint, parent, rows)
         + f"\n\n![scores]({data_uri(chart)})\n\nReport: `{report_md}`, chart: `{chart}`",
     )
+
+
+def stage_timing_artifact(workspace: Path) -> str | None:
+    """The stage-timing table of the current flow run (its subflows' stages included) as an artifact.
+
+    Returns its Markdown (None outside a flow run or when no stage recorded a timing).
+    """
+    run_id = flow_run.id
+    lines = stage_markdown(read_timings(workspace, [str(run_id)])) if run_id else []
+    if not lines:
+        return None
+    markdown = "\n".join(["# Where the time went", "", *lines])
+    create_markdown_artifact(key="stage-timing", markdown=markdown, description="Stage wall times of the run")
+    return markdown
 
 
 def data_uri(path: Path) -> str:

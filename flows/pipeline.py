@@ -26,11 +26,11 @@ from flows.artifacts import (
     grad_stats_artifacts,
     refresh_markdown,
     registered_here,
+    stage_timing_artifact,
     summary_markdown,
     train_artifacts,
 )
 from pipeline.config import ALPHA_BASELINES, PipelineConfig
-from pipeline.reporting.stage_timing import publish_flow_artifact as stage_timing_artifact
 from storage import CatalogError, DatasetRef, DatasetStore
 from tasks.stages import (
     EvalModel,

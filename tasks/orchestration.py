@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 from prefect.task_engine import TaskRunTimeoutError
 
+from pipeline.reporting.stage_timing import set_root_flow_run_lookup
 from storage import CatalogError
 
 GPU_TAG = "gpu"
@@ -91,3 +92,18 @@ TRANSIENT_RETRIES: dict[str, Any] = {
     "retry_condition_fn": retry_if_transient,
 }
 """``@task`` arguments: up to two retries, after 10 s and 60 s, for transient failures only."""
+
+
+def root_flow_run_id() -> str | None:
+    """The root flow run of the current Prefect run (a subflow's parent pipeline), None outside a run."""
+    try:
+        from prefect.runtime import flow_run
+
+        root = flow_run.root_flow_run_id
+    except Exception:  # outside Prefect, or an older Prefect
+        return None
+    return str(root) if root else None
+
+
+# The stage-timing records of subflows also reach the root run's file (pipeline/reporting/stage_timing.py).
+set_root_flow_run_lookup(root_flow_run_id)

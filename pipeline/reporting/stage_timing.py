@@ -14,7 +14,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,14 +117,17 @@ def timed_stage(workspace: Path, flow_run_id: str | None, stage: str) -> Iterato
                     handle.write(line)
 
 
-def _root_flow_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
+_root_lookup: Callable[[], str | None] | None = None
 
-        root = flow_run.root_flow_run_id
-    except Exception:  # outside Prefect, or an older Prefect
-        return None
-    return str(root) if root else None
+
+def set_root_flow_run_lookup(lookup: Callable[[], str | None]) -> None:
+    """How to find the root flow run of the current one; the orchestration layer (tasks/) installs it."""
+    global _root_lookup
+    _root_lookup = lookup
+
+
+def _root_flow_run_id() -> str | None:
+    return _root_lookup() if _root_lookup is not None else None
 
 
 def read_timings(workspace: Path, flow_run_ids: Iterable[str]) -> list[StageTiming]:
@@ -211,26 +214,6 @@ def report_section(workspace: Path, flow_run_ids: Iterable[str]) -> list[str]:
     """The run report's "Where the time went" section (empty when the runs recorded no timings)."""
     table = stage_markdown(read_timings(workspace, flow_run_ids))
     return ["", "## Where the time went", "", *table] if table else []
-
-
-def publish_artifact(workspace: Path, flow_run_id: str | None, key: str = "stage-timing") -> str | None:
-    """A Prefect Markdown artifact of this flow run's table; returns its Markdown (None when empty)."""
-    lines = stage_markdown(read_timings(workspace, [flow_run_id] if flow_run_id else []))
-    if not lines:
-        return None
-    from prefect.artifacts import create_markdown_artifact
-
-    markdown = "\n".join(["# Where the time went", "", *lines])
-    create_markdown_artifact(key=key, markdown=markdown, description="Stage wall times of this run")
-    return markdown
-
-
-def publish_flow_artifact(workspace: Path) -> str | None:
-    """:func:`publish_artifact` for the current Prefect flow run (its subflows' stages included)."""
-    from prefect.runtime import flow_run
-
-    run_id = flow_run.id
-    return publish_artifact(workspace, str(run_id)) if run_id else None
 
 
 def _dash(value: Any) -> str:
