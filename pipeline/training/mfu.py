@@ -1,5 +1,5 @@
 """Model FLOPs utilization: the training's model FLOPs per second over the machine's measured matmul peak
-(docs/method.md §Training throughput).
+(docs/method.md §Precision and MFU).
 
 Model FLOPs of a step: ``6·N`` per token run (forward + backward of every weight matmul, N the weights
 that multiply activations: all parameters but an untied input embedding) plus the attention term

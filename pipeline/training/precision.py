@@ -1,5 +1,5 @@
 """Training precision: bf16 autocast where the hardware makes it fast, fp32 master weights
-(docs/method.md §Training throughput)."""
+(docs/method.md §Precision and MFU)."""
 
 from __future__ import annotations
 
