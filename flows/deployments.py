@@ -1,4 +1,5 @@
-"""Deployments of the four flows, the eval-after-train trigger, the GPU concurrency limit, and serving.
+"""Deployments of the four flows and the α study, the eval-after-train trigger, the GPU concurrency
+limit, and serving.
 
 ``bvpo serve`` registers the deployments below on a Prefect API and executes their runs in this process
 (a ``Runner``); ``bvpo deploy --work-pool NAME`` registers the same deployments on a work pool instead, so
@@ -26,6 +27,7 @@ from prefect.schedules import Cron
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.pipeline import bvpo_pipeline, data_refresh, evaluate, train_bvpo
+from flows.study import study
 from pipeline.config import PipelineConfig
 from tasks.orchestration import GPU_TAG
 
@@ -36,6 +38,7 @@ DATA_REFRESH = "data-refresh"
 TRAIN = "train-bvpo"
 EVALUATE = "evaluate"
 PIPELINE = "bvpo-pipeline"
+STUDY = "study"
 PROJECT_TAG = "bvpo"
 CRASH_AUTOMATION = "bvpo: mark flow runs without heartbeat as crashed"
 
@@ -145,7 +148,7 @@ def crashed_run_automation(heartbeat_seconds: int) -> AutomationCore:
 
 
 def build_deployments(config: PipelineConfig, options: ServeOptions) -> list[RunnerDeployment]:
-    """The four deployments, with ``config`` as the default parameters of their forms."""
+    """The five deployments (four flows and the α study), with ``config`` as their forms' defaults."""
     config = config.model_copy(update={"workspace": config.workspace.resolve()})
     params: dict[str, Any] = {"config": config.model_dump(mode="json")}
     common: dict[str, Any] = {
@@ -173,6 +176,11 @@ def build_deployments(config: PipelineConfig, options: ServeOptions) -> list[Run
         ),
         bvpo_pipeline.to_deployment(
             PIPELINE, description="The whole job: data refresh, training, evaluation.", **common
+        ),
+        study.to_deployment(
+            STUDY,
+            description="α grid × seeds on one data refresh, evaluated together: paired intervals, MDE.",
+            **common,
         ),
     ]
 

@@ -203,6 +203,30 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("n", pa.int64(), nullable=False),
         ]
     ),
+    # The α study (flows/study.py): the reference and one row per α and mode, seeds pooled.
+    "study_results": pa.schema(
+        [
+            pa.field("alpha", pa.string(), nullable=False),  # "0", "0.25", ..., "auto", or "reference"
+            pa.field("mode", pa.string(), nullable=False),
+            pa.field("seeds", pa.int32(), nullable=False),
+            pa.field("n", pa.int64(), nullable=False),  # eval prompts
+            pa.field("score", pa.float64(), nullable=False),  # mean per-prompt score, seeds pooled
+            pa.field("score_low", pa.float64(), nullable=False),
+            pa.field("score_high", pa.float64(), nullable=False),
+            pa.field("alpha_final", pa.float64()),  # α of the last step, mean over seeds (auto: α̂*)
+            pa.field("diff_ref", pa.float64()),  # paired, vs the reference
+            pa.field("diff_ref_low", pa.float64()),
+            pa.field("diff_ref_high", pa.float64()),
+            pa.field("best_baseline", pa.string()),  # the better of α = 0 and α = 1 in this mode
+            pa.field("diff_best", pa.float64()),  # paired, vs that baseline
+            pa.field("diff_best_low", pa.float64()),
+            pa.field("diff_best_high", pa.float64()),
+            pa.field("mde_ref", pa.float64()),  # minimum detectable difference vs the reference
+            pa.field("seed_sd", pa.float64()),  # SD of the per-seed mean scores
+            pa.field("pairs_per_step", pa.float64()),
+            pa.field("tokens_per_step", pa.float64()),
+        ]
+    ),
     "rejects": pa.schema(
         [
             pa.field("stage", pa.string(), nullable=False),

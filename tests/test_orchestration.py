@@ -16,6 +16,7 @@ from flows.deployments import (
     DATA_REFRESH,
     EVALUATE,
     PIPELINE,
+    STUDY,
     TRAIN,
     ServeOptions,
     build_deployments,
@@ -110,15 +111,18 @@ def config(tmp_path: Path) -> PipelineConfig:
     return PipelineConfig(workspace=tmp_path / "ws")
 
 
-def test_four_deployments_with_typed_forms_schedule_and_tags(config: PipelineConfig) -> None:
+def test_five_deployments_with_typed_forms_schedule_and_tags(config: PipelineConfig) -> None:
     deployments = {d.name: d for d in build_deployments(config, ServeOptions(refresh_cron="0 */6 * * *"))}
-    assert set(deployments) == {DATA_REFRESH, TRAIN, EVALUATE, PIPELINE}
+    assert set(deployments) == {DATA_REFRESH, TRAIN, EVALUATE, PIPELINE, STUDY}
     assert {d.entrypoint for d in deployments.values()} == {
         "flows.pipeline.data_refresh",
         "flows.pipeline.train_bvpo",
         "flows.pipeline.evaluate",
         "flows.pipeline.bvpo_pipeline",
+        "flows.study.study",
     }
+    study_schema = deployments[STUDY]._parameter_openapi_schema.model_dump()
+    assert {"alphas", "seeds", "eval_prompts", "target_mde", "planning_sd"} <= set(study_schema["properties"])
     (schedule,) = deployments[DATA_REFRESH].schedules
     assert schedule.schedule.cron == "0 */6 * * *"
     assert all(not deployments[n].schedules for n in (TRAIN, EVALUATE, PIPELINE))

@@ -7,7 +7,8 @@ One module per concern, each registering its commands on the shared :data:`app`:
 - ``analysis.py``: ``report``, ``analyze-variance``, ``lm-eval``;
 - ``server.py``: ``server``, ``serve``, ``deploy``;
 - ``data.py``: ``sql``, ``datasets``, ``lineage``, ``compare``, ``export`` (eval answers);
-- ``interop.py``: ``import pairs``, ``export pairs`` (preference pairs in and out, TRL's format).
+- ``interop.py``: ``import pairs``, ``export pairs`` (preference pairs in and out, TRL's format);
+- ``study.py``: ``study`` (an α grid × seeds on shared data, paired intervals, MDE).
 
 A new command (or a Typer sub-group added with ``app.add_typer``) is a new module here that imports
 ``app`` from ``flows.cli.app``, plus one import line below. Commands import Prefect, torch and
@@ -25,6 +26,7 @@ from flows.cli import analysis  # noqa: F401
 from flows.cli import server  # noqa: F401
 from flows.cli import data  # noqa: F401
 from flows.cli import interop  # noqa: F401
+from flows.cli import study  # noqa: F401
 # isort: on
 
 from flows.cli.analysis import analyze_variance
