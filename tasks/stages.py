@@ -238,7 +238,6 @@ def reference_logps_task(
         "truncation": train.truncation,
         "append_eos": train.append_eos,
     }
-    agreement: list[dict[str, Any]] = []
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
         result = run_isolated(  # in a child process: the model's memory leaves with it
@@ -254,13 +253,11 @@ def reference_logps_task(
             sampler_dtype=config.generation.dtype,
             trust_remote_code=config.model.trust_remote_code,
         )
-        agreement.extend(result.agreement)
+        if result.agreement:  # registered before ref_logps (like rejects): a crash leaves no gap
+            _register_agreement(config, store, settings, [pairs_trace, pairs_empty], result.agreement)
         return _table("ref_logps", result.rows), result.rejects
 
-    ref = _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
-    if agreement:
-        _register_agreement(config, store, ref, agreement)
-    return ref
+    return _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
 
 
 def _sampled_generations(store: DatasetStore, pairs: DatasetRef) -> dict[str, dict[str, Any]] | None:
@@ -277,7 +274,11 @@ def _sampled_generations(store: DatasetStore, pairs: DatasetRef) -> dict[str, di
 
 
 def _register_agreement(
-    config: PipelineConfig, store: DatasetStore, ref: DatasetRef, rows: list[dict[str, Any]]
+    config: PipelineConfig,
+    store: DatasetStore,
+    settings: dict[str, Any],
+    parents: list[DatasetRef],
+    rows: list[dict[str, Any]],
 ) -> None:
     """Register the sampler/trainer agreement summary, show it as an artifact and warn on drift."""
     from pipeline.training.reference import agreement_warnings
@@ -286,8 +287,8 @@ def _register_agreement(
     found = store.put(
         "logp_agreement",
         _table("logp_agreement", rows),
-        config={"for": ref.name},
-        parents=[ref],
+        config={"for": "ref_logps", **settings},
+        parents=parents,
         flow_run_id=_flow_run_id(),
     )
     create_table_artifact(

@@ -68,15 +68,16 @@ class ScriptedEngine:
     name: str = "fake"
     seeds: list[int] = field(default_factory=list)
     calls: list[tuple[list[list[int]], list[SamplingSpec]]] = field(default_factory=list)
+    hf_tokenizer: Any = None  # the model's own tokenizer, when the stage ran on a real model folder
     _seed: int = 0
 
     @property
-    def tokenizer(self) -> WordTokenizer:
-        return WordTokenizer()
+    def tokenizer(self) -> Any:
+        return self.hf_tokenizer if self.hf_tokenizer is not None else WordTokenizer()
 
     def text(self, ids: list[int]) -> str:
         """The text of token ids (for assertions on what the engine was fed)."""
-        return self.tokenizer.decode(ids)
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def reseed(self, seed: int) -> int:
         self.seeds.append(seed)
@@ -96,11 +97,11 @@ class ScriptedEngine:
         self, text: str, finish: str, stop: str | None, max_tokens: int | None = None
     ) -> Completion:
         """A completion of ``text`` as the real engine returns it (ids, EOS when it ends by itself)."""
-        ids = self.tokenizer.encode(text)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if max_tokens is not None and len(ids) > max_tokens:
             ids, finish, stop = ids[:max_tokens], "length", None
         elif finish == "stop" and stop is None:
-            ids = [*ids, WordTokenizer.eos_token_id]
+            ids = [*ids, self.tokenizer.eos_token_id]
         return Completion(self.text(ids), tuple(ids), finish, stop, tuple(-0.5 for _ in ids))
 
     def _one(self, prompt: list[int], spec: SamplingSpec, index: int) -> Completion:

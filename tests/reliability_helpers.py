@@ -33,6 +33,16 @@ class DigitEngine(ScriptedEngine):
         return self.completion(f"The answer is {int(tag[:8], 16) % 3 + 1}.", "stop", None, spec.max_tokens)
 
 
+def _engine_for(engine_factory: type[ScriptedEngine], model_path: str) -> ScriptedEngine:
+    """A scripted engine that speaks the model folder's own tokenizer (as vLLM would), if there is one."""
+    engine = engine_factory()
+    if (Path(model_path) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        engine.hf_tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return engine
+
+
 def fake_child_process(engine_factory: type[ScriptedEngine] = DigitEngine) -> dict[str, Any]:
     """Replacements for the vLLM child process: the same shard loop, in this process, on a scripted engine.
 
@@ -46,7 +56,7 @@ def fake_child_process(engine_factory: type[ScriptedEngine] = DigitEngine) -> di
         model_path: str, shards: Any, config: Any, *, staging_dir: Path, model_label: str, **kw: Any
     ) -> None:
         run_shards(
-            engine_factory(),
+            _engine_for(engine_factory, model_path),
             shards,
             config,
             ShardStore(staging_dir),
@@ -61,7 +71,7 @@ def fake_child_process(engine_factory: type[ScriptedEngine] = DigitEngine) -> di
     ) -> list[dict[str, Any]]:
         from pipeline.generation.sampler import generate_responses
 
-        engine = engine_factory()
+        engine = _engine_for(engine_factory, model_path)
         # Each model answers differently: the last part of its label (a folder name) is part of the seed.
         name = Path(model_label).name
         engine.reseed(config.seed + int(hashlib.sha256(name.encode()).hexdigest()[:4], 16))
@@ -148,8 +158,9 @@ def pipeline_config(
         "prompts": {"source": str(source), "num_prompts": 1000, "eval_fraction": 0.3},
         "generation": {
             "samples_per_prompt": 4,
-            "max_trace_tokens": 8,
-            "max_answer_tokens": 8,
+            # The tiny model's tokenizer has one token per character.
+            "max_trace_tokens": 16,
+            "max_answer_tokens": 32,
             "max_model_len": 512,
             "shard_size": 2,
         },
@@ -157,7 +168,7 @@ def pipeline_config(
         "train": {
             "max_steps": 4,
             "batch_size": 2,
-            "max_length": 128,
+            "max_length": 512,
             "bf16": False,
             "checkpoint_every": 1,
             "learning_rate": 1e-3,
@@ -219,7 +230,39 @@ def generation_row(prompt_id: str, mode: str, index: int, answer: str, **overrid
         "shard_index": 0,
         "seed": 0,
     }
-    return row | overrides
+    return with_token_ids(row | overrides)
+
+
+def with_token_ids(row: dict[str, Any]) -> dict[str, Any]:
+    """Add the tiny tokenizer's ids of a generation row's texts (EOS where it ended by itself)."""
+    from tests.tiny_checkpoint import EOS_ID, char_ids
+
+    response = char_ids(row["response_text"])
+    eos = row["finish_reason"] == "stop"
+    response += [EOS_ID] if eos else []
+    defaults = {
+        "prompt_token_ids": char_ids(row["prompt_text"]),
+        "response_token_ids": response,
+        "response_segments": [3] * (len(response) - eos) + [4] * eos,
+        "eos_emitted": eos,
+        "sampler_logprobs": None,
+        "sampler_processed_logprobs": None,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "logprobs_mode": "raw",
+    }
+    return defaults | row
+
+
+def pair_with_token_ids(pair: dict[str, Any]) -> dict[str, Any]:
+    """Add the tiny tokenizer's ids of a pair's texts (responses end with EOS, as emitted)."""
+    from tests.tiny_checkpoint import EOS_ID, char_ids
+
+    return {
+        "prompt_token_ids": char_ids(pair["prompt_text"]),
+        "chosen_token_ids": [*char_ids(pair["chosen_response"]), EOS_ID],
+        "rejected_token_ids": [*char_ids(pair["rejected_response"]), EOS_ID],
+    } | pair
 
 
 def score_row(generation: dict[str, Any], score: float) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from tests.reliability_helpers import (
     generation_row,
     install_fake_child_process,
     lake_tree,
+    pair_with_token_ids,
     pipeline_config,
     quiet_prefect,
     score_row,
@@ -470,6 +471,7 @@ def test_empty_d_e_or_d_t_names_the_dataset_before_loading_the_model(
         "pair_id": "p-x", "prompt_id": "p", "mode": "x", "prompt_text": "q", "chosen_response": "a",
         "rejected_response": "b", "chosen_answer": "a", "rejected_answer": "b", "chosen_score": 1.0,
         "rejected_score": 0.0, "margin": 1.0, "chosen_generation_id": "c", "rejected_generation_id": "r",
+        "prompt_token_ids": [4], "chosen_token_ids": [5], "rejected_token_ids": [6],
     }  # fmt: skip
     refs = {}
     for kind in ("pairs_trace", "pairs_empty"):
@@ -569,12 +571,14 @@ def test_config_file_that_is_not_yaml_names_the_file_and_line(
 def _train_rows(n: int = 4) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     def pair(mode: str, i: int) -> dict[str, Any]:
         block = "<think>\nok\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
-        return {
-            "pair_id": f"q{i}-{mode}",
-            "prompt_text": f"<|user|>What is {i} + {i}?\n<|assistant|>",
-            "chosen_response": f"{block}It is {2 * i}.",
-            "rejected_response": f"{block}It is {2 * i + 1}, I think.",
-        }
+        return pair_with_token_ids(
+            {
+                "pair_id": f"q{i}-{mode}",
+                "prompt_text": f"<|user|>What is {i} + {i}?\n<|assistant|>",
+                "chosen_response": f"{block}It is {2 * i}.",
+                "rejected_response": f"{block}It is {2 * i + 1}, I think.",
+            }
+        )
 
     trace = [pair("trace", i) for i in range(n)]
     empty = [pair("empty", i) for i in range(n)]

@@ -20,6 +20,13 @@ NATIVE_TEMPLATE = CHAT_TEMPLATE.replace("{% endif %}", _EMPTY_BLOCK + "{% endif 
 """A template with native reasoning control: ``enable_thinking=False`` writes the empty trace block."""
 
 SPECIALS = ["<pad>", "<unk>", "</s>"]
+CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+EOS_ID = SPECIALS.index("</s>")
+
+
+def char_ids(text: str) -> list[int]:
+    """The tiny tokenizer's ids of ``text`` (one per character), without loading it."""
+    return [len(SPECIALS) + CHARS.index(c) for c in text]
 
 
 def save_tiny_checkpoint(
@@ -35,8 +42,7 @@ def save_tiny_checkpoint(
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
-    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one char, one id
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(

@@ -95,6 +95,7 @@ def run_shards_in_child(
                     "model_label": model_label,
                     "trust_remote_code": trust_remote_code,
                     "config": config.model_dump(mode="json"),
+                    "launched_at": time.time(),  # engine start is timed from the child's launch
                     "shards": [
                         {
                             "index": s.index,
@@ -191,15 +192,29 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def _main(request_path: str) -> None:
+    entered = time.time()
     from pipeline.generation.engine import open_vllm_engine
     from pipeline.generation.runner import run_shards
 
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
     config = GenerationConfig.model_validate(request["config"])
     shards = [Shard(index=s["index"], seed=s["seed"], prompts=tuple(s["prompts"])) for s in request["shards"]]
-    started = time.perf_counter()
+    launched = float(request.get("launched_at") or entered)
+    imported = time.time()
     with open_vllm_engine(request["model_path"], config, request["trust_remote_code"]) as engine:
-        _emit({"event": "engine_ready", "seconds": time.perf_counter() - started, "pid": os.getpid()})
+        ready = time.time()
+        _emit(
+            {
+                "event": "engine_ready",
+                "seconds": ready - launched,  # from the child's launch: interpreter, imports, engine
+                "phases": {
+                    "interpreter_and_worker_import_s": entered - launched,
+                    "pipeline_import_s": imported - entered,
+                    "engine_s": ready - imported,  # vLLM's import and LLM(...)
+                },
+                "pid": os.getpid(),
+            }
+        )
         run_shards(
             engine,
             shards,
