@@ -17,7 +17,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -138,3 +138,70 @@ class JsonClient:
             with contextlib.suppress(ValueError):
                 delay = min(max(float(retry_after), 0.0), MAX_BACKOFF_S)
         time.sleep(delay)
+
+
+class EndpointClient:
+    """Base of the clients that send many requests to one endpoint, ``concurrency`` at a time.
+
+    Holds the connection settings and the shared :class:`JsonClient`; subclasses set their defaults as class
+    attributes and add the endpoint's own payloads. Usable as a context manager (closes the connections).
+
+    Args:
+        base_url: endpoint root, e.g. ``http://127.0.0.1:8000/v1``.
+        api_key: sent as ``Authorization: Bearer`` (redacted from every error).
+        concurrency: requests in flight at once (also the connection pool size).
+        timeout_s, max_retries, backoff_s: see :class:`JsonClient`.
+        progress: show a progress bar while requests run.
+        transport: an httpx transport (tests).
+    """
+
+    concurrency: int = 4
+    timeout_s: float = 120.0
+    max_retries: int = 2
+    backoff_s: float = 0.5
+    error: type[EndpointError] = EndpointError
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        concurrency: int | None = None,
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+        backoff_s: float | None = None,
+        progress: bool = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        cls = type(self)
+        self.concurrency = cls.concurrency if concurrency is None else concurrency
+        self.progress = progress
+        self._http = JsonClient(
+            base_url,
+            api_key=api_key,
+            timeout_s=cls.timeout_s if timeout_s is None else timeout_s,
+            max_retries=cls.max_retries if max_retries is None else max_retries,
+            backoff_s=cls.backoff_s if backoff_s is None else backoff_s,
+            max_connections=self.concurrency,
+            transport=transport,
+            error=cls.error,
+        )
+        self.base_url = self._http.base_url
+
+    @property
+    def retries(self) -> int:
+        """Retried attempts so far (for logs and tests)."""
+        return self._http.retries
+
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        """One call to ``base_url + path``, retried on transient failures; the decoded JSON body."""
+        return self._http.request(method, path, payload)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

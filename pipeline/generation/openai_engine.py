@@ -16,13 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 from tqdm.auto import tqdm
 
 from pipeline.config import GenerationConfig
 from pipeline.generation.engine import Completion, SamplingSpec
 from pipeline.generation.engine_log import log_request
-from pipeline.http_client import EndpointError, JsonClient
+from pipeline.http_client import EndpointClient, EndpointError
 from pipeline.http_client import api_key_from_env as _key_from_env
 
 
@@ -31,38 +30,20 @@ def api_key_from_env(name: str | None) -> str | None:
     return _key_from_env(name, "generation.api_key_env")
 
 
-class OpenAICompletionsEngine:
+class OpenAICompletionsEngine(EndpointClient):
     """``complete`` over HTTP, with the tokenizer of the served model for rendering and counting."""
 
     name = "openai"
+    concurrency = 32  # connection defaults of EndpointClient: a served engine batches many requests
+    timeout_s = 600.0
+    max_retries = 3
+    backoff_s = 1.0
 
-    def __init__(
-        self,
-        base_url: str,
-        tokenizer: Any,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        concurrency: int = 32,
-        timeout_s: float = 600.0,
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
-        progress: bool = True,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, tokenizer: Any, *, model: str | None = None, **connection: Any) -> None:
+        """``connection``: ``api_key``, ``concurrency``, ``timeout_s``, ``max_retries``, ``backoff_s``,
+        ``progress``, ``transport`` (:class:`~pipeline.http_client.EndpointClient`)."""
+        super().__init__(base_url, **connection)
         self._tokenizer = tokenizer
-        self.concurrency = concurrency
-        self.progress = progress
-        self._http = JsonClient(
-            base_url,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            max_connections=concurrency,
-            transport=transport,
-        )
-        self.base_url = self._http.base_url
         self._model = model
 
     @classmethod
@@ -80,11 +61,6 @@ class OpenAICompletionsEngine:
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
-
-    @property
-    def retries(self) -> int:
-        """Retried attempts so far (for logs and tests)."""
-        return self._http.retries
 
     @property
     def model(self) -> str:
@@ -123,15 +99,6 @@ class OpenAICompletionsEngine:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after a failure, queued requests are not sent
         return results
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> OpenAICompletionsEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _complete_one(self, model: str, prompt: list[int], spec: SamplingSpec) -> list[Completion]:
         payload: dict[str, Any] = {
@@ -181,7 +148,3 @@ class OpenAICompletionsEngine:
             stop_reason=stop_reason if isinstance(stop_reason, str) else None,
             logprobs=logprobs,
         )
-
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
-        """One call, retried on transient failures; the decoded JSON body."""
-        return self._http.request(method, path, payload)

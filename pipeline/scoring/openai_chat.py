@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 from tqdm.auto import tqdm
 
 from pipeline import http_client
@@ -30,39 +29,21 @@ def api_key_from_env(name: str | None) -> str | None:
     return http_client.api_key_from_env(name, "judge api_key_env", ChatEndpointError)
 
 
-class OpenAIChatClient:
+class OpenAIChatClient(http_client.EndpointClient):
     """Sends one chat completion request per conversation and returns the message texts in order."""
 
+    error = ChatEndpointError
+
     def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key: str | None = None,
-        temperature: float = 0.0,
-        max_tokens: int = 512,
-        timeout_s: float = 120.0,
-        max_retries: int = 2,
-        concurrency: int = 4,
-        backoff_s: float = 0.5,
-        progress: bool = True,
-        transport: httpx.BaseTransport | None = None,
+        self, base_url: str, model: str, *, temperature: float = 0.0, max_tokens: int = 512, **connection: Any
     ) -> None:
+        """``connection``: ``api_key``, ``concurrency``, ``timeout_s``, ``max_retries``, ``backoff_s``,
+        ``progress``, ``transport`` (:class:`~pipeline.http_client.EndpointClient`)."""
+        super().__init__(base_url, **connection)
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.concurrency = concurrency
-        self.progress = progress
-        self._http = http_client.JsonClient(
-            base_url,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            transport=transport,
-            error=ChatEndpointError,
-        )
-        self.url = self._http.base_url + "/chat/completions"
+        self.url = self.base_url + "/chat/completions"
 
     @classmethod
     def from_options(cls, options: ChatEndpointOptions) -> OpenAIChatClient:
@@ -103,10 +84,7 @@ class OpenAIChatClient:
             "max_tokens": self.max_tokens,
             "n": 1,
         }
-        return _message_text(self._http.request("POST", "/chat/completions", payload), self.url)
-
-    def close(self) -> None:
-        self._http.close()
+        return _message_text(self._request("POST", "/chat/completions", payload), self.url)
 
 
 def _message_text(body: Any, url: str) -> str:
