@@ -1,4 +1,4 @@
-"""Pairing: best vs worst final answer per prompt and mode, in DuckDB SQL (docs/method.md §Pipeline).
+"""Pairing: best vs worst final answer per prompt and mode, in DuckDB SQL (docs/method.md §Pipeline stages).
 
 Mode ``trace`` gives D_t = {(x, r⁺, y⁺, r⁻, y⁻)}; mode ``empty`` gives D_e = {(x, y'⁺, y'⁻)}. Per prompt and
 mode, an answer is usable when its score is finite (NaN, ±inf and missing scores are not, and are reported).

@@ -1,4 +1,4 @@
-"""Reasoning on/off: prompt rendering and trace/answer parsing (docs/method.md §Reasoning on and off).
+"""Reasoning on/off: prompt rendering and trace/answer parsing (docs/method.md §Reasoning on/off formats).
 
 Mode ``trace`` samples a reasoning trace ``r`` then an answer ``y``; mode ``empty`` disables reasoning
 (``r = ∅``) by prefilling an empty trace block. What a trainer scores as the response is the trace block

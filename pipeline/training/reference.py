@@ -1,4 +1,4 @@
-"""Reference log-probs, computed once per (pair, reference model) before training (docs/method.md §Pipeline).
+"""Reference log-probs, once per (pair, reference model) before training (docs/method.md §Pipeline stages).
 
 Training then holds no reference model: ``log π_ref`` comes from the ``ref_logps`` dataset. Each pair is
 scored on its stored token ids (:mod:`pipeline.training.encoding`), so the reference pass and the trainer
