@@ -48,3 +48,32 @@ def test_every_citation_names_a_heading() -> None:
             if not any(name.startswith(h) for h in known):
                 bad.append(f"{path.relative_to(ROOT)}: §{name[:60]}")
     assert bad == []
+
+
+OUTSIDE_NOTES = "DESIGN" + ".md"  # design notes that live outside the repository (spelt so this file passes)
+# Files whose owners are rewriting them; each entry must still cite the notes (so the list cannot go stale).
+PENDING_CITATIONS = {
+    "pipeline/training/trainer.py": "module docstring; rewritten for checkpoints/throughput (issues 18, 19)",
+    "pipeline/training/alpha_star.py": "four docstrings; rewritten with the α̂* estimator (issue 16)",
+}
+
+
+def test_nothing_cites_notes_outside_the_repository() -> None:
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    citing = set()
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in {".png", ".parquet", ".gguf", ".duckdb"} or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if OUTSIDE_NOTES in text:
+            citing.add(name)
+    assert citing - set(PENDING_CITATIONS) == set(), "cite docs/method.md §<heading> or arXiv 2510.05095"
+    assert set(PENDING_CITATIONS) - citing == set(), "fixed: remove it from PENDING_CITATIONS"
