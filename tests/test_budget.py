@@ -97,3 +97,13 @@ def test_pairs_per_mode(alpha: float | str, budget: str, expected: tuple[int, in
 def test_unknown_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="budget"):
         pairs_per_mode(0.5, 2, "twice")
+
+
+def test_the_run_report_states_the_budget() -> None:
+    from pipeline.reporting.run_markdown import _budget_lines
+
+    rows = [{"pairs_t": 4, "pairs_e": 4, "tokens_t": 90, "tokens_e": 60}, {"pairs_t": 4, "pairs_e": 4,
+            "tokens_t": 110, "tokens_e": 40}]  # fmt: skip
+    (_, line) = _budget_lines(rows, "matched")
+    assert "4 D_t + 4 D_e pairs, 100 + 50 tokens" in line and "matched" in line
+    assert _budget_lines([{"pairs_t": None}], "matched") == []
