@@ -98,7 +98,8 @@ def study(
     arms = arms_of(alphas, seeds)
     sized, planned = size_eval_set(config, eval_prompts, target_mde, planning_sd)
     if planned is not None:
-        print(f"study: {planned} eval prompts planned (MDE {target_mde} at SD {planning_sd})")
+        why = "as asked" if eval_prompts is not None else f"for an MDE of {target_mde} at SD {planning_sd}"
+        print(f"study: about {planned} eval prompts ({why})")
     data = data_refresh(sized)
     trained: list[StudyArmOutput] = []
     for arm in arms:
