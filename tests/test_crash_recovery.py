@@ -55,7 +55,7 @@ UPSTREAM = {
     "train": ("pairs_trace", "pairs_empty", "ref_logps"),
     "eval": ("prompts", "checkpoint", "train_metrics"),
 }
-VOLATILE = {"seconds", "tokens_per_s", "checkpoint", "model"}
+VOLATILE = {"seconds", "tokens_per_s", "mfu", "checkpoint", "model"}  # timings and paths
 """Columns that legitimately differ between two runs in two workspaces (timings, absolute paths)."""
 
 pytestmark = pytest.mark.timeout(300)
