@@ -294,13 +294,19 @@ class PairingConfig(_Section):
 
 
 class LoraSettings(_Section):
-    """LoRA adapters through ``peft`` (merged into the saved checkpoint)."""
+    """LoRA adapters through ``peft``: resumable states and ``<checkpoint>/adapter`` hold only the adapters;
+    the merged model is exported next to them on request (evaluation loads it)."""
 
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_save: bool = Field(
+        True,
+        description="Also save the adapters merged into the base model (a plain checkpoint, what the "
+        "pipeline's evaluation loads); false: adapters only (serve them with vLLM's LoRA support).",
     )
 
 
@@ -409,12 +415,32 @@ class TrainConfig(_Section):
     )
     sampling: Literal["cycle", "replacement"] = Field("cycle", description="How each mode's pairs are drawn.")
     checkpoint_every: int = Field(5, ge=0, description="Save a resumable state every N steps (0: never).")
+    keep_state: bool = Field(
+        False,
+        description="Keep the resumable training states after a successful run (default: removed once "
+        "the checkpoint is saved).",
+    )
+    checkpoint_dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
+        "model",
+        description="dtype of the saved checkpoint: 'model' is the dtype the base model's config.json "
+        "names (training keeps fp32 master weights either way).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights.")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes (torchrun; gloo on CPU).")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With num_processes > 1: replicate the model (ddp) or shard it (fsdp, FSDP2)."
     )
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        description="Machines training together (num_processes each), joined through torchrun's c10d "
+        "rendezvous at rdzv_endpoint; see docs/orchestration.md.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the rendezvous (a port on the first node) when num_nodes > 1."
+    )
+    rdzv_id: str = Field("bvpo", description="Rendezvous id: the same on every node of one training run.")
     probe: ProbeConfig = Field(
         default_factory=ProbeConfig, description="Gradient-statistics probe (α̂*, trace-induced variance)."
     )
@@ -437,6 +463,12 @@ class TrainConfig(_Section):
         if isinstance(value, float | int) and not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] or one of {sorted(ALPHA_BASELINES)}, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _rendezvous_for_nodes(self) -> TrainConfig:
+        if self.num_nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.num_nodes > 1 needs train.rdzv_endpoint (host:port on the first node)")
+        return self
 
     @property
     def alpha_value(self) -> float:

@@ -14,7 +14,6 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,30 +26,6 @@ def _rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def _pairs(model_dir: str, n: int = 4) -> dict[str, list[dict[str, Any]]]:
-    """Stored pairs (text and the token ids the trainer reads) for the character tokenizer of the model."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    def pair(mode: str, i: int) -> dict[str, Any]:
-        block = "<think>\nok\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
-        texts = {
-            "prompt_text": f"<|user|>What is {i} + {i}?\n<|assistant|>",
-            "chosen_response": f"{block}It is {2 * i}.",
-            "rejected_response": f"{block}It is {2 * i + 1}, I think.",
-        }
-        ids = {
-            f"{key}_token_ids": tokenizer.encode(texts[text], add_special_tokens=False)
-            for key, text in (
-                ("prompt", "prompt_text"), ("chosen", "chosen_response"), ("rejected", "rejected_response")
-            )
-        }  # fmt: skip
-        return {"pair_id": f"q{i}-{mode}", **texts, **ids}
-
-    return {mode: [pair(mode, i) for i in range(n)] for mode in ("trace", "empty")}
-
-
 def measure(model_dir: str, workspace: str) -> None:
     """The flow-process side: baseline, then each isolated stage; prints one JSON line of RSS figures."""
     import torch  # noqa: F401  (imported before the baseline: the flow process has torch loaded too)
@@ -59,8 +34,9 @@ def measure(model_dir: str, workspace: str) -> None:
     from pipeline.isolation import run_isolated
     from pipeline.training.reference import compute_reference_logps
     from pipeline.training.run import train_bvpo
+    from tests.pair_rows import stored_pairs
 
-    pairs = _pairs(model_dir)
+    pairs = stored_pairs(model_dir)
     figures = {"baseline_mb": _rss_mb()}
     ref = run_isolated(
         compute_reference_logps, model_dir, pairs, model_label="big", max_length=96, bf16=False

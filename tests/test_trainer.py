@@ -178,7 +178,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out: str, strateg
     )
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None:
     import torch.multiprocessing as mp
@@ -191,12 +191,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + 200
+    deadline = time.monotonic() + 280  # a loaded 2-core machine runs a healthy pair in 30-180 s
     while not ranks.join(timeout=5):
         if time.monotonic() > deadline:
             for process in ranks.processes:
                 process.kill()
-            pytest.fail(f"{strategy}: the two gloo ranks did not finish within 200 s")
+            pytest.fail(f"{strategy}: the two gloo ranks did not finish within 280 s")
     single = BVPOTrainer(
         tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), _config(alpha=0.4, max_steps=3), 0
     )

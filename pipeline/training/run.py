@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.training.encoding import fit_length, pair_decode_problem, pair_tokens
-from pipeline.training.modeling import load_model_and_tokenizer
+from pipeline.training.modeling import checkpoint_dtype, load_model_and_tokenizer, load_on_meta
 from pipeline.training.trainer import BVPOTrainer, RefPair, TrainingDataError, save_hf_checkpoint, scalar
 
 
@@ -63,8 +64,21 @@ def join_reference(
 
 
 def prepare_model(model_path: str, config: TrainConfig, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model with the training options applied, and its tokenizer. Under FSDP only rank 0 loads the
+    weights; the other ranks build the modules on the meta device (the trainer fills their shards)."""
+    rank, world = _rank_and_world()
+    if config.distributed == "fsdp" and world > 1 and rank != 0:
+        _, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code, weights=False)
+        return apply_training_options(load_on_meta(model_path, trust_remote_code), config), tokenizer
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code)
     return apply_training_options(model, config), tokenizer
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def apply_training_options(model: Any, config: TrainConfig) -> Any:
@@ -106,7 +120,7 @@ def train_bvpo(
     ``generations``: the rows the pairs came from; the gradient probe (``alpha: auto`` or
     ``probe.enabled``) reuses their stored reasoning-on traces.
     """
-    if config.num_processes > 1 and not (
+    if (config.num_processes > 1 or config.num_nodes > 1) and not (
         torch.distributed.is_available() and torch.distributed.is_initialized()
     ):
         return _launch_distributed(
@@ -146,7 +160,16 @@ def train_bvpo(
     )
     full_weights = trainer.full_model_state_dict() if trainer.fsdp else None  # collective under FSDP
     if trainer.rank == 0:
-        save_hf_checkpoint(model, tokenizer, output_dir, state_dict=full_weights)
+        save_hf_checkpoint(
+            model,
+            tokenizer,
+            output_dir,
+            state_dict=full_weights,
+            dtype=checkpoint_dtype(config.checkpoint_dtype, model_path, trust_remote_code),
+            merge_lora=config.lora is None or config.lora.merge_on_save,
+        )
+        if not config.keep_state:  # the checkpoint is in place: the resumable states are not needed
+            shutil.rmtree(state_dir, ignore_errors=True)
     return TrainResult(output_dir, trainer.metrics, delta, resumed, probe.rows if probe is not None else [])
 
 

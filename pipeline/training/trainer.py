@@ -151,7 +151,10 @@ class BVPOTrainer:
         self.flops = flop_model(model)  # model FLOPs per step, for MFU (before FSDP shards it)
         self.fsdp = self.world_size > 1 and config.distributed == "fsdp"
         if self.fsdp:
+            full = dict(model.state_dict()) if self.rank == 0 else None  # rank 0's weights, before sharding
             shard_model(model)  # before the optimizer: FSDP replaces parameters by sharded DTensors
+            materialize_from_rank0(model, full)
+            del full
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _adamw(self.params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
@@ -302,11 +305,23 @@ class BVPOTrainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
+    @property
+    def adapters_only(self) -> bool:
+        """LoRA: states hold the trained adapters, not the frozen base weights."""
+        return self.config.lora is not None
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        full = self.full_model_state_dict()  # collective under FSDP
+        if not self.adapters_only:
+            return full
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trained}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs (collective under FSDP)."""
+        """Everything a resumed run needs (collective under FSDP); with LoRA, only the adapters' weights."""
         return {
             "step": self.step,
-            "model": self.full_model_state_dict(),
+            "model": self._model_state(),
             "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "sampler_t": self.sampler_t.state_dict() if self.sampler_t else None,
@@ -339,10 +354,16 @@ class BVPOTrainer:
                 self.optimizer,
                 model_state_dict=state["model"],
                 optim_state_dict=state["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
+                options=StateDictOptions(full_state_dict=True, strict=not self.adapters_only),
             )
         else:
-            self.model.load_state_dict(state["model"])
+            result = self.model.load_state_dict(state["model"], strict=not self.adapters_only)
+            frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+            if result.unexpected_keys or set(result.missing_keys) - frozen - _buffer_names(self.model):
+                raise TrainingStateError(
+                    f"training state does not fit the model: unexpected {result.unexpected_keys[:3]}, "
+                    f"missing {sorted(set(result.missing_keys) - frozen)[:3]}"
+                )
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sampler_t and state["sampler_t"]:
@@ -437,6 +458,28 @@ def shard_model(model: nn.Module) -> None:
     fully_shard(model)
 
 
+def materialize_from_rank0(model: nn.Module, full: dict[str, torch.Tensor] | None) -> None:
+    """Fill a sharded model's shards from rank 0's full weights (``full``; None on other ranks).
+
+    Ranks other than 0 may have built the model on the meta device: they allocate their shards here and
+    receive them by broadcast, so the full weights are materialized once, on rank 0.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    set_model_state_dict(
+        model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are in no state dict
+        dist.broadcast(buffer, src=0)
+
+
+def _buffer_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_buffers()}
+
+
 def scalar(value: torch.Tensor) -> float:
     """A Python float from a tensor or a DTensor (FSDP gradient norms are DTensors)."""
     full = getattr(value, "full_tensor", None)
@@ -487,21 +530,31 @@ def _reduce_across_ranks(
 
 
 def save_hf_checkpoint(
-    model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+    model: Any,
+    tokenizer: Any,
+    output_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    merge_lora: bool = True,
 ) -> None:
-    """Save a standard Hugging Face directory (LoRA merged in) that vLLM can load; atomic.
+    """Save a standard Hugging Face directory that vLLM can load, in ``dtype``; atomic.
 
-    ``state_dict``: full weights gathered from a sharded (FSDP) model.
+    ``state_dict``: full weights gathered from a sharded (FSDP) model. A LoRA model's adapters go to
+    ``output_dir/adapter``; with ``merge_lora`` the adapters merged into the base model are the
+    checkpoint itself (else the folder holds only the adapters and the tokenizer). Note: a dtype coarser
+    than the fp32 master weights rounds away updates below its resolution.
     """
     if state_dict is not None:
         model = _unsharded_copy(model, state_dict)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.parent / f".tmp-{output_dir.name}"
     shutil.rmtree(staging, ignore_errors=True)
-    # fp32: a bf16 copy would round away updates smaller than bf16's resolution.
-    model.to(torch.float32).save_pretrained(staging)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(staging / "adapter")  # peft: the adapters and their config only
+        model = model.merge_and_unload() if merge_lora else None
+    if model is not None:
+        model.to(dtype).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     if output_dir.exists():
         shutil.rmtree(output_dir)
