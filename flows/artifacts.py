@@ -172,17 +172,22 @@ def eval_labels(found: set[str]) -> list[str]:
 
 
 def grad_stats_artifacts(config: PipelineConfig, grad_stats: DatasetRef, plot: Path) -> None:
-    """α̂* over steps and tr Var_r[g_t] vs tr Var_r[g_c] (``plot``), and the grad_stats rows (table)."""
+    """α̂* over steps, the MSE(α) curve and the measured tr Var_r[g_t] (``plot``), and the grad_stats rows
+    (table; per-prompt ESS and the MSE(α) curve with its interval as lists)."""
     create_markdown_artifact(
         key="grad-stats-plot",
-        markdown="# α̂* and the trace-induced variance BVPO removes\n\n"
+        markdown="# α̂*, the estimated MSE(α) and the trace-induced variance\n\n"
         f"![gradient probe]({data_uri(plot)})\n\nPNG: `{plot}`. "
         f'Rows: `bvpo sql -w {config.workspace} "select * from {grad_stats.name}"`',
     )
     create_table_artifact(
         key="grad-stats",
-        table=[{k: round_value(v) for k, v in row.items()} for row in read_rows(config, grad_stats)],
-        description="Gradient probe: α̂* (95% CI), tr Var_r[g_t] vs tr Var_r[g_c], biases, MSE vs Ĝ.",
+        table=[
+            {k: [round_value(x) for x in v] if isinstance(v, list) else round_value(v) for k, v in r.items()}
+            for r in read_rows(config, grad_stats)
+        ],
+        description="Gradient probe: α̂* (95% CI), MSE(α) on alpha_grid with 95% intervals, measured "
+        "tr Var_r[g_t], biases, ESS of the importance weights per prompt.",
     )
 
 

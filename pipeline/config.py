@@ -316,7 +316,7 @@ ALPHA_BASELINES = {"dpo_trace": 1.0, "dpo_empty": 0.0}
 class ProbeConfig(_Section):
     """Gradient-statistics probe: α̂* and the trace-induced variance, measured during training.
 
-    See pipeline/training/grad_probe.py and docs/method.md §Estimating α*, §The variance law.
+    See pipeline/training/grad_probe.py and docs/method.md §Probe estimator.
     """
 
     enabled: bool = Field(
@@ -327,8 +327,9 @@ class ProbeConfig(_Section):
     traces: int = Field(
         4,
         ge=4,
-        description="Stored reasoning-on traces per probe prompt (even): disjoint trace pairs give "
-        "traces/2 samples of g_t; the other traces give the leave-out marginal-gradient estimate.",
+        description="Stored reasoning-on traces M per probe prompt (the first M by sample index): importance "
+        "weights over them give g_t's posterior traces and the marginal gradient (self-normalized: O(1/M) "
+        "bias). Default: generation.samples_per_prompt's default, so every stored trace is used.",
     )
     params: Literal["auto", "head", "lora", "all"] = Field(
         "auto",
@@ -352,11 +353,15 @@ class ProbeConfig(_Section):
         description="alpha: auto: prior the EMA starts from (None: the first probe's α̂* starts it).",
     )
     seed: int = Field(0, description="Seeds the probe-prompt choice, the projection and the bootstrap.")
+    min_ess: float = Field(
+        1.5,
+        ge=1.0,
+        description="Flag a probe prompt whose posterior importance weights have an effective sample size "
+        "below this (a few traces carry all the weight); grad_stats counts them in low_ess_prompts.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ProbeConfig:
-        if self.traces % 2:
-            raise ValueError(f"probe.traces must be even (disjoint chosen/rejected pairs), got {self.traces}")
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"probe.alpha_min ({self.alpha_min}) exceeds probe.alpha_max ({self.alpha_max})")
         return self

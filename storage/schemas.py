@@ -159,25 +159,36 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("checkpoint", pa.string(), nullable=False),
         ]
     ),
-    # Gradient probe of a training run (pipeline/training/grad_probe.py), one row per probe.
+    # Gradient probe of a training run (pipeline/training/grad_probe.py, docs/method.md §Probe estimator),
+    # one row per probe. g_t is the trainer's: traces from the sampler's posterior q(r | x, y).
     "grad_stats": pa.schema(
         [
             pa.field("step", pa.int32(), nullable=False),  # optimizer steps taken before the probe
             pa.field("alpha", pa.float64(), nullable=False),  # α trained with from this step on
             pa.field("alpha_hat", pa.float64(), nullable=False),  # α̂* of this probe
-            pa.field("ci_low", pa.float64(), nullable=False),
+            pa.field("ci_low", pa.float64(), nullable=False),  # 95% bootstrap interval over prompts
             pa.field("ci_high", pa.float64(), nullable=False),
-            pa.field("numerator", pa.float64(), nullable=False),  # E⟨g_e − Ĝ, g_e − g_t⟩
-            pa.field("denominator", pa.float64(), nullable=False),  # E‖g_t − g_e‖²
-            pa.field("trace_var_t", pa.float64()),  # tr Var_r[g_t]
-            pa.field("trace_var_c", pa.float64()),  # tr Var_r[g_c], g_c = α g_t + (1−α) g_e
+            pa.field("numerator", pa.float64(), nullable=False),  # N = E⟨g_e − G, g_e − g_t⟩
+            pa.field("denominator", pa.float64(), nullable=False),  # D = E‖g_t − g_e‖²
+            pa.field("empty_error", pa.float64()),  # B = E‖g_e − G‖² (MSE(α) = B − 2αN + α²D)
+            pa.field("trace_var_t", pa.float64()),  # measured tr Var_r[g_t]
             pa.field("bias_t", pa.float64(), nullable=False),  # ‖E g_t − Ĝ‖
             pa.field("bias_e", pa.float64(), nullable=False),  # ‖E g_e − Ĝ‖
-            pa.field("mse_trace", pa.float64(), nullable=False),  # E‖g_t − Ĝ‖²
-            pa.field("mse_empty", pa.float64(), nullable=False),  # E‖g_e − Ĝ‖²
-            pa.field("mse_alpha", pa.float64(), nullable=False),  # E‖g_c − Ĝ‖²
+            pa.field("mse_trace", pa.float64(), nullable=False),  # MSE(1)
+            pa.field("mse_empty", pa.float64(), nullable=False),  # MSE(0)
+            pa.field("mse_alpha", pa.float64(), nullable=False),  # MSE(alpha)
+            pa.field("alpha_grid", pa.list_(pa.float64())),  # the MSE(α) curve and its 95% intervals
+            pa.field("mse_grid", pa.list_(pa.float64())),
+            pa.field("mse_grid_low", pa.list_(pa.float64())),
+            pa.field("mse_grid_high", pa.list_(pa.float64())),
+            pa.field("ess_posterior", pa.list_(pa.float64())),  # per prompt: ESS of the posterior weights
+            pa.field("ess_marginal", pa.list_(pa.float64())),  # per prompt: ESS of Ĝ's weights
+            pa.field("ess_min", pa.float64()),
+            pa.field("low_ess_prompts", pa.int32()),  # prompts below train.probe.min_ess
+            pa.field("proposal", pa.string()),  # log q(r|x): stored | recomputed | mixed
+            pa.field("nucleus_fallback", pa.int32()),  # answers outside every trace's top-p nucleus
             pa.field("n_prompts", pa.int32(), nullable=False),
-            pa.field("pairs_per_prompt", pa.int32(), nullable=False),
+            pa.field("traces_per_prompt", pa.int32(), nullable=False),
             pa.field("dim", pa.int64(), nullable=False),  # gradient dimensions (after projection)
             pa.field("params", pa.string(), nullable=False),  # head | lora | all
             pa.field("seconds", pa.float64(), nullable=False),

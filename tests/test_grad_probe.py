@@ -1,14 +1,16 @@
 """The gradient probe (pipeline/training/grad_probe.py) on tiny models: exact gradients, α̂* against the α* of
-docs/method.md §MSE-optimal α computed by enumerating every trace, the α² law of the trace-induced
-variance, ``alpha: auto`` through the trainer, the Prefect flow and ``bvpo analyze-variance``.
+the trainer's posterior-trace estimator computed by enumerating every trace (docs/method.md §Probe
+estimator), the sampler's log-probs from the reference pass, ``alpha: auto`` through the trainer, the Prefect
+flow and ``bvpo analyze-variance``.
 
 Traces of one token make the marginal ``π(y|x) = Σ_r π(r|x) π(y|x,r)`` a sum over the vocabulary, so the true
-marginal gradient G and the exact α* are computable and the estimates can be checked against them.
+marginal gradient G and the exact α* are computable and the estimates can be checked against them. The
+estimator itself is checked against a toy model sampled at temperature 0.8 / top-p 0.9 with a trace budget in
+tests/test_probe_estimator.py.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -22,17 +24,18 @@ import torch.nn.functional as F
 
 import tasks.stages  # noqa: F401  (Prefect sets up its log handlers on import: before any CliRunner swaps stderr)
 from pipeline.config import ProbeConfig, TrainConfig
-from pipeline.training.alpha_star import estimate_gradient_stats, trace_variance
+from pipeline.training.alpha_star import alpha_from_terms
 from pipeline.training.grad_probe import (
     GradProbe,
     ProbeDataError,
     ProbeExample,
     _HeadGradients,
     _ParamGradients,
+    _reference_stats,
     build_probe_examples,
-    example_gradients,
+    prompt_samples,
 )
-from pipeline.training.loss import BVPOLoss, PreferenceLogps
+from pipeline.training.probe_estimator import processed_log_softmax, prompt_terms
 from pipeline.training.sequences import collate, sequence_logps
 from pipeline.training.trainer import BVPOTrainer, TrainingDataError
 from tests.tiny_lm import VOCAB, random_pairs, tiny_model
@@ -184,14 +187,16 @@ def test_random_projections_preserve_the_probe_quantities_in_expectation() -> No
     model = _peaked(0)
     examples = _examples(model, 2, 6, seed=4, length=2)
     exact = _HeadGradients(model, dim=10**9)
-    ref = [exact.stats(model, e.sequences(), 0, False, with_grads=False) for e in examples]
+    ref = [_reference_stats(model, e, 0, False) for e in examples]
     stats = [exact.stats(model, e.sequences(), 0, False, with_grads=True) for e in examples]
 
     def terms(per_example: list[Any]) -> torch.Tensor:
-        parts = [example_gradients(s, r, 6, BETA) for s, r in zip(per_example, ref, strict=True)]
-        g_t, g_e, g_hat = (torch.stack(p) for p in zip(*parts, strict=True))
-        diff = g_e.unsqueeze(1) - g_t
-        return torch.stack([((g_e.unsqueeze(1) - g_hat) * diff).sum(-1).mean(), diff.pow(2).sum(-1).mean()])
+        out = []
+        for e, s, r in zip(examples, per_example, ref, strict=True):
+            logq = r.block_q[: 2 * 6 : 2]  # type: ignore[index]
+            t = prompt_terms(prompt_samples(e, s, r, logq), BETA)
+            out.append(torch.tensor([t.numerator, t.denominator]))
+        return torch.stack(out).mean(0)
 
     target = terms(stats)
     head_sketches, count_sketches = [], []
@@ -227,11 +232,14 @@ def _replace_grads(stats: Any, project: Any) -> Any:
 
 def _exact_quantities(
     policy: torch.nn.Module, reference: torch.nn.Module, example: ProbeExample
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Enumerate every one-token trace r: exact G, g_e, and g_t(r⁺, r⁻) with π_ref(r⁺|x) π_ref(r⁻|x).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Enumerate every one-token trace r: exact G, g_e, g_t(r⁺, r⁻) and the trainer's trace distributions.
 
-    G and g_e come from autograd of the losses; the V per-trace gradients from the closed-form head gradients
-    (checked against autograd above). Returns G ``[D]``, g_e ``[D]``, g_t ``[V, V, D]``, π_ref(r|x) ``[V]``.
+    The traces were sampled from π_ref at temperature 1 without top-p, so given the kept answer y the
+    trainer's trace is a draw from the posterior ``π_ref(r | x, y) ∝ π_ref(r | x) π_ref(y | x, r)``. G and
+    g_e come from autograd of the losses; the V per-trace gradients from the closed-form head gradients
+    (checked against autograd above). Returns G ``[D]``, g_e ``[D]``, g_t ``[V, V, D]``, the posteriors of
+    y⁺, y⁻ ``[V]`` each.
     """
     prompt, y_pos, y_neg = example.trace_prompt_ids, example.chosen_ids, example.rejected_ids
     all_r = [[r] for r in range(VOCAB)]
@@ -241,7 +249,6 @@ def _exact_quantities(
 
     with torch.no_grad():
         ref_pos, ref_neg = logps(reference, y_pos), logps(reference, y_neg)
-        trace_probs = reference(input_ids=torch.tensor([prompt])).logits[0, -1].softmax(-1)
     # G: the gradient of the marginal DPO loss, log π(y|x) = logsumexp_r log π(r, y|x).
     pol_pos, pol_neg = logps(policy, y_pos), logps(policy, y_neg)
     margin = (pol_pos.logsumexp(0) - ref_pos.logsumexp(0)) - (pol_neg.logsumexp(0) - ref_neg.logsumexp(0))
@@ -260,7 +267,7 @@ def _exact_quantities(
     m = (pol_pos.detach() - ref_pos).unsqueeze(1) - (pol_neg.detach() - ref_neg).unsqueeze(0)
     coefficient = -BETA * torch.sigmoid(-BETA * m)  # [V, V]
     g_t = coefficient.unsqueeze(-1) * (grad_pos.unsqueeze(1) - grad_neg.unsqueeze(0))
-    return g_exact, g_e, g_t, trace_probs
+    return g_exact, g_e, g_t, ref_pos.softmax(0), ref_neg.softmax(0)
 
 
 def _snis_standard_error(probe: GradProbe, policy: torch.nn.Module, index: int) -> float:
@@ -273,14 +280,16 @@ def _snis_standard_error(probe: GradProbe, policy: torch.nn.Module, index: int) 
     stats = _HeadGradients(policy, dim=10**9).stats(policy, example.sequences(), 0, False, with_grads=True)
     assert stats.grads is not None
     total, grads = stats.total[: 2 * m].view(m, 2), stats.grads[: 2 * m].view(m, 2, -1)
-    log_w = total - (ref.total[: 2 * m : 2] - ref.answer[: 2 * m : 2]).unsqueeze(1)
+    log_q = (ref.total[: 2 * m : 2] - ref.answer[: 2 * m : 2]).unsqueeze(1)  # temperature 1: q = π_ref
+    log_w = total - log_q
     variance, log_ratio = 0.0, []
     for a in (0, 1):
         w = log_w[:, a].softmax(0)
         mean = w @ grads[:, a]
         variance += float((w.pow(2) * (grads[:, a] - mean).pow(2).sum(-1)).sum())
-        log_ref = ref.answer[: 2 * m].view(m, 2)[:, a].logsumexp(0)
-        log_ratio.append(float(log_w[:, a].logsumexp(0) - log_ref))
+        log_ratio.append(
+            float(log_w[:, a].logsumexp(0) - (ref.total[: 2 * m].view(m, 2)[:, a] - log_q[:, 0]).logsumexp(0))
+        )
     c = BETA * torch.sigmoid(torch.tensor(-BETA * (log_ratio[0] - log_ratio[1])))
     return float(c) * math.sqrt(variance)
 
@@ -289,7 +298,8 @@ def test_probe_estimates_converge_to_the_exact_marginal_gradient_and_alpha_star(
     """Policy ≠ reference (the importance weights matter); traces sampled from π_ref, as stored traces are.
 
     Ĝ must lie within 3 delta-method standard errors of G (the SE is itself checked to be small), the
-    sampled g_t must average to their exact mean, and α̂* must match the exact α* within 0.03.
+    posterior-weighted mean of g_t must match the exact posterior mean, the measured tr Var[g_t] the exact
+    one, and α̂* the exact α* of the trainer's estimator within 0.03.
     """
     policy, reference = _peaked(0, scale=10.0), _peaked(1, scale=10.0)
     with torch.no_grad():  # a policy some way from the reference
@@ -297,179 +307,140 @@ def test_probe_estimates_converge_to_the_exact_marginal_gradient_and_alpha_star(
             p.copy_(q + 0.3 * (p - q))
     examples = _examples(reference, 3, 200, seed=11)
     probe = GradProbe(reference, examples, _config(probe=ProbeConfig(traces=200)), pad_id=0)
-    grads = probe.measure(policy)
-    assert grads.g_t.shape == (3, 100, VOCAB * 16) and grads.g_hat.shape == grads.g_t.shape
-    num, den = [], []
+    assert probe.proposal == "recomputed"
+    terms = probe.measure(policy)
+    assert terms[0].g_hat.shape == (VOCAB * 16,)
+    num, den, var = [], [], []
     for i, example in enumerate(examples):
-        g_exact, g_e, g_t, probs = _exact_quantities(policy, reference, example)
-        # Ĝ (self-normalized importance sampling; the mean of the leave-out estimates) → G.
+        g_exact, g_e, g_t, post_pos, post_neg = _exact_quantities(policy, reference, example)
         se = _snis_standard_error(probe, policy, i)
-        assert float((grads.g_hat[i].mean(0) - g_exact).norm()) < 3 * se
+        assert float((terms[i].g_hat - g_exact).norm()) < 3 * se
         assert se < 0.2 * float(g_exact.norm())
-        assert torch.allclose(grads.g_e[i], g_e, atol=1e-10)
-        joint = probs.unsqueeze(1) * probs.unsqueeze(0)  # r⁺, r⁻ independent
+        assert torch.allclose(terms[i].g_e, g_e, atol=1e-10)
+        joint = post_pos.unsqueeze(1) * post_neg.unsqueeze(0)  # r⁺, r⁻ independent posterior draws
         mean_t = (joint.unsqueeze(-1) * g_t).sum((0, 1))
         num.append(float((g_e - g_exact) @ (g_e - mean_t)))
         den.append(float((joint * (g_t - g_e).pow(2).sum(-1)).sum()))
-        # The sampled g_t average to the exact E g_t (100 pairs: standard error ≈ 0.1 ‖E g_t‖ here).
-        assert float((grads.g_t[i].mean(0) - mean_t).norm() / mean_t.norm()) < 0.25
+        var.append(float((joint * (g_t - mean_t).pow(2).sum(-1)).sum()))
+        assert float((terms[i].mean_t - mean_t).norm() / mean_t.norm()) < 0.25
     alpha_exact = min(1.0, max(0.0, sum(num) / sum(den)))
-    stats = estimate_gradient_stats(grads.g_t, grads.g_e, grads.g_hat, bootstrap=100)
+    alpha_hat = alpha_from_terms(
+        torch.tensor([t.numerator for t in terms]), torch.tensor([t.denominator for t in terms])
+    )
     assert 0.05 < alpha_exact < 0.95  # an interior optimum, so the check is not trivially at a bound
-    assert stats.alpha_star == pytest.approx(alpha_exact, abs=0.03)
-    assert stats.denominator == pytest.approx(sum(den) / 3, rel=0.05)
+    assert alpha_hat == pytest.approx(alpha_exact, abs=0.03)
+    assert sum(t.denominator for t in terms) / 3 == pytest.approx(sum(den) / 3, rel=0.05)
+    assert sum(t.trace_var for t in terms) == pytest.approx(sum(var), rel=0.15)
 
 
-# -- the α² law of the trace-induced variance --------------------------------------------------------------
+# -- the sampler's log-probs from the reference pass -------------------------------------------------------
 
 
-def _mixed_gradients(
-    model: torch.nn.Module, probe: GradProbe, example_index: int, alpha: float
-) -> torch.Tensor:
-    """g_c of each trace pair of an example, through the training loss: ∇ BVPOLoss(α) on one pair per mode."""
-    example = probe.examples[example_index]
-    ref = probe.reference[example_index]
-    m = len(example.trace_blocks)
-    loss_fn = BVPOLoss(BETA)
-    out = []
-    for k in range(m // 2):
-        c, r = 2 * k, 2 * k + 1
-        seqs = [
-            (example.trace_prompt_ids, example.trace_blocks[c] + example.chosen_ids),
-            (example.trace_prompt_ids, example.trace_blocks[r] + example.rejected_ids),
-            (example.empty_prompt_ids, example.empty_block + example.chosen_ids),
-            (example.empty_prompt_ids, example.empty_block + example.rejected_ids),
-        ]
-        lp = _autograd_logps(model, seqs)
-        trace = PreferenceLogps(
-            lp[0:1], lp[1:2], ref.total[2 * c : 2 * c + 1], ref.total[2 * r + 1 : 2 * r + 2]
-        )
-        empty = PreferenceLogps(lp[2:3], lp[3:4], ref.total[2 * m : 2 * m + 1], ref.total[2 * m + 1 :])
-        out.append(_grad(loss_fn(trace, empty, alpha).loss, model))
-    return torch.stack(out)
-
-
-def test_mixed_gradient_trace_variance_is_alpha_squared_times_that_of_g_t() -> None:
-    """Var_r[g_c] = α² Var_r[g_t] (docs/method.md §The variance law), measured on a model through BVPO.
-
-    (1) Same traces: g_c from autograd of L_BVPO equals α g_t + (1−α) g_e, so the variances agree to float
-    precision. (2) Independent trace draws for g_t and g_c: H0 ``tr Var[g_c] = α² tr Var[g_t]`` is tested on
-    ``log(V_c / (α² V_t))`` with a standard error from a bootstrap over trace pairs (resampled within each
-    prompt, both draws independently, 400 resamples); we accept when |z| < 3 (two-sided, ≈ 0.3% level), and
-    call V_c strictly below V_t when ``log(V_c/V_t) + 3·SE < 0``.
-    """
-    policy = _peaked(0)
-    reference = copy.deepcopy(policy)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
-    draws = []
-    for seed in (21, 22):
-        examples = _examples(reference, 3, 160, seed=seed, length=2)
-        if draws:  # same prompts and answers, independent traces
-            gen = torch.Generator().manual_seed(99)
-            examples = [
-                ProbeExample(
-                    e.prompt_id,
-                    e.trace_prompt_ids,
-                    _sample_traces(reference, e.trace_prompt_ids, 160, 2, gen),
-                    e.empty_prompt_ids,
-                    e.empty_block,
-                    e.chosen_ids,
-                    e.rejected_ids,
-                )
-                for e in draws[0].examples
-            ]
-        draws.append(GradProbe(reference, examples, _config(probe=ProbeConfig(traces=160)), pad_id=0))
-    grads_a = draws[0].measure(policy)
-    v_t = trace_variance(grads_a.g_t)
-    rng = torch.Generator().manual_seed(0)
-
-    def boot_var(samples: torch.Tensor) -> torch.Tensor:
-        n, k, _ = samples.shape
-        idx = torch.randint(0, k, (400, n, k), generator=rng)
-        return torch.tensor([trace_variance(samples[torch.arange(n).unsqueeze(1), i]) for i in idx])
-
-    boot_t = boot_var(grads_a.g_t)
-    # (1) same traces: exact.
-    same = torch.stack([_mixed_gradients(policy, draws[0], i, 0.3) for i in range(3)])
-    mixed = 0.3 * grads_a.g_t + 0.7 * grads_a.g_e.unsqueeze(1)
-    assert torch.allclose(same, mixed, atol=1e-9)
-    assert trace_variance(same) == pytest.approx(0.09 * v_t, rel=1e-8)
-    for alpha in (0.3, 0.7):
-        # (2) independent traces: within sampling error of α² V_t, and strictly below V_t.
-        independent = torch.stack([_mixed_gradients(policy, draws[1], i, alpha) for i in range(3)])
-        v_c = trace_variance(independent)
-        boot_c = boot_var(independent)
-        log_ratio = math.log(v_c / (alpha**2 * v_t))
-        se = float((boot_c.log() - boot_t.log()).std())
-        assert abs(log_ratio) < 3 * se, (alpha, log_ratio, se)
-        assert math.log(v_c / v_t) + 3 * se < 0
-        assert 0.02 < se < 0.5  # the test has power: the tolerance is not vacuous
+def test_reference_pass_gives_the_processed_sampler_log_probs_of_sampled_tokens() -> None:
+    """At temperature 0.8 / top-p 0.9: ``log q(y | x, r)`` sums the processed log-probs of every answer token
+    and ``log q(r | x)`` those of the block's sampled tokens only (prefilled and forced tokens have q = 1),
+    each computed here from one full forward pass per sequence, without the probe's shared-prefix cache."""
+    model = _peaked(0, scale=5.0)
+    (base,) = _examples(model, 1, 4, seed=3, length=4)
+    sampled = [[False, True, True, False], [False, True, True, True], [True] * 4, [False, False, True, False]]
+    example = ProbeExample(
+        "x", base.trace_prompt_ids, base.trace_blocks, [3, 4], [9, 9], base.chosen_ids, base.rejected_ids,
+        block_sampled=sampled, temperature=0.8, top_p=0.9,
+    )  # fmt: skip
+    ref = _reference_stats(model, example, 0, False)
+    assert ref.answer_q is not None and ref.block_q is not None
+    for row, ((prompt, block, answer), (block_mask, _)) in enumerate(
+        zip(example.sequences(), example.sampled_masks(), strict=True)
+    ):
+        ids = torch.tensor([prompt + block + answer])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        q = processed_log_softmax(logits, 0.8, 0.9).gather(1, ids[0, len(prompt) :].unsqueeze(1)).squeeze(1)
+        tempered = (logits / 0.8).log_softmax(-1).gather(1, ids[0, len(prompt) :].unsqueeze(1)).squeeze(1)
+        q_block = torch.where(torch.isinf(q[: len(block)]), tempered[: len(block)], q[: len(block)])
+        expected_block = float(q_block[torch.tensor(block_mask, dtype=torch.bool)].sum()) if block else 0.0
+        assert float(ref.block_q[row]) == pytest.approx(expected_block, abs=1e-9)
+        assert float(ref.answer_q[row]) == pytest.approx(float(q[len(block) :].sum()), abs=1e-9)
+    assert not torch.allclose(ref.answer_q, ref.answer)  # q is not the raw model distribution
 
 
 # -- the probe set from stored rows -----------------------------------------------------------------------
 
 
-class _CharTokenizer:
-    eos_token_id = 1
-    pad_token_id = 0
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [2 + ord(c) % 60 for c in text]}
-
-
-def _gen(pid: str, mode: str, i: int, trace: str | None, answer: str, prompt: str = "Q?") -> dict[str, Any]:
-    block = f"<think>\n{trace}\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
+def _gen(
+    pid: str, mode: str, i: int, trace: list[int] | None, answer: list[int], forced: bool = False
+) -> dict[str, Any]:
+    """A stored generation as token ids: open tag [5] prefilled, the trace sampled, close tag [6] sampled or
+    forced, the answer, EOS [1]; reasoning-off: the empty block [5, 6] prefilled."""
+    if mode == "trace":
+        assert trace is not None
+        block, segs = [5, *trace, 6], [0] + [1] * len(trace) + [2 if forced else 1]
+    else:
+        block, segs = [5, 6], [0, 0]
+    response = block + answer + [1]
+    segments = segs + [3] * len(answer) + [4]
+    processed = [0.0 if s in (0, 2) else -0.5 for s in segments]
     return {
+        "generation_id": f"{pid}-{mode}-{i}",
         "prompt_id": pid,
         "mode": mode,
         "sample_index": i,
-        "prompt_text": f"{prompt}[{mode}]",
-        "response_text": block + answer,
-        "answer": answer,
+        "prompt_token_ids": [2, 3] if mode == "trace" else [2, 4],
+        "response_token_ids": response,
+        "response_segments": segments,
+        "eos_emitted": True,
+        "sampler_processed_logprobs": processed,
+        "temperature": 0.8,
+        "top_p": 0.95,
     }
 
 
-def _pair(pid: str) -> dict[str, Any]:
+def _pair(pid: str, chosen: int = 0, rejected: int = 1) -> dict[str, Any]:
     return {
         "pair_id": f"{pid}-trace",
         "prompt_id": pid,
-        "prompt_text": "Q?[trace]",
-        "chosen_answer": "yes",
-        "rejected_answer": "no",
+        "chosen_generation_id": f"{pid}-trace-{chosen}",
+        "rejected_generation_id": f"{pid}-trace-{rejected}",
     }
 
 
-def test_probe_examples_reuse_stored_traces_of_qualifying_prompts() -> None:
+def test_probe_examples_take_stored_token_ids_of_qualifying_prompts() -> None:
     gens = []
     for pid, n_traces in (("a", 4), ("b", 3), ("c", 4), ("d", 5)):
-        gens += [_gen(pid, "trace", i, f"{pid} thinks {i}", f"ans{i}") for i in range(n_traces)]
+        gens += [
+            _gen(pid, "trace", i, [10 + i] * (i + 1), [20 + i, 30], forced=i == 2) for i in range(n_traces)
+        ]
         if pid != "c":  # c has no reasoning-off generation
-            gens.append(_gen(pid, "empty", 0, None, "plain"))
-    gens[-3]["response_text"] = "mangled"  # d's sample 3 does not split into block + answer
+            gens.append(_gen(pid, "empty", 0, None, [40]))
+    gens[-2]["response_token_ids"] = [5] + [7] * 40 + [6, 20, 1]  # d's sample 4: a long trace
+    gens[-2]["response_segments"] = [0] + [1] * 40 + [1, 3, 4]
+    gens[-2]["sampler_processed_logprobs"] = None  # and no processed log-probs
     pairs = [_pair(p) for p in "abcd"]
-    tok = _CharTokenizer()
-    examples = build_probe_examples(tok, pairs, gens, ProbeConfig(prompts=4, traces=4), max_length=512)
+    examples = build_probe_examples(pairs, gens, ProbeConfig(prompts=4, traces=4), max_length=512)
     assert sorted(e.prompt_id for e in examples) == ["a", "d"]
     d = next(e for e in examples if e.prompt_id == "d")
-    blocks = [f"<think>\nd thinks {i}\n</think>\n\n" for i in (0, 1, 2, 4)]
-    assert d.trace_blocks == [tok(b)["input_ids"] for b in blocks]
-    assert d.empty_block == tok("<think>\n\n</think>\n\n")["input_ids"]
-    assert d.chosen_ids == tok("yes")["input_ids"] + [1] and d.rejected_ids == tok("no")["input_ids"] + [1]
-    assert d.trace_prompt_ids == tok("Q?[trace]")["input_ids"]
-    assert d.empty_prompt_ids == tok("Q?[empty]")["input_ids"]
+    assert d.trace_blocks == [[5, *([10 + i] * (i + 1)), 6] for i in range(4)]
+    assert d.block_sampled is not None and d.block_sampled[2] == [False, True, True, True, False]  # forced
+    assert d.block_sampled[0] == [False, True, True]
+    assert d.trace_logq == [-1.0, -1.5, -1.5, -2.5]  # trace tokens only: not the prefilled or forced tag
+    assert d.chosen_ids == [20, 30, 1] and d.rejected_ids == [21, 30, 1]  # the pair's answers, with EOS
+    assert d.trace_prompt_ids == [2, 3] and d.empty_prompt_ids == [2, 4] and d.empty_block == [5, 6]
+    assert (d.temperature, d.top_p) == (0.8, 0.95)
     # One prompt: which one depends on the seed only.
     picks = {
-        build_probe_examples(tok, pairs, gens, ProbeConfig(prompts=1, seed=s), 512)[0].prompt_id
-        for s in range(8)
+        build_probe_examples(pairs, gens, ProbeConfig(prompts=1, seed=s), 512)[0].prompt_id for s in range(8)
     }
     assert picks == {"a", "d"}
-    # Traces that do not fit max_length are not used.
+    # Traces that do not fit max_length are not used; d's long sample 4 only fits a long max_length.
+    five = build_probe_examples(pairs, gens, ProbeConfig(prompts=4, traces=5), max_length=512)
+    assert [e.prompt_id for e in five] == ["d"] and five[0].trace_logq[-1] is None  # type: ignore[index]
     with pytest.raises(ProbeDataError, match="stored reasoning-on traces"):
-        build_probe_examples(tok, pairs, gens, ProbeConfig(traces=4), max_length=30)
+        build_probe_examples(pairs, gens, ProbeConfig(traces=5), max_length=30)
     with pytest.raises(ProbeDataError, match="samples_per_prompt"):
-        build_probe_examples(tok, pairs, gens, ProbeConfig(traces=6), max_length=512)
+        build_probe_examples(pairs, gens, ProbeConfig(traces=6), max_length=512)
+    text_only = [{k: v for k, v in g.items() if k != "response_segments"} for g in gens]
+    with pytest.raises(ProbeDataError, match="token ids"):
+        build_probe_examples(pairs, text_only, ProbeConfig(traces=4), max_length=512)
 
 
 # -- alpha: auto through the trainer ----------------------------------------------------------------------
@@ -511,9 +482,15 @@ def test_alpha_auto_changes_alpha_over_steps_records_it_and_resumes_exactly(tmp_
     assert len({m["alpha"] for m in metrics}) >= 3  # α moves as training changes the gradients
     assert all(0.05 <= m["alpha"] <= 0.95 for m in metrics)
     for row in rows:
-        assert row["trace_var_c"] == pytest.approx(row["alpha"] ** 2 * row["trace_var_t"], rel=1e-9)
-        assert row["trace_var_c"] < row["trace_var_t"]
         assert row["ci_low"] <= row["alpha_hat"] <= row["ci_high"]
+        # Effective sample sizes lie in [1, M] (M = 6 traces) and the flag counts those below min_ess.
+        assert all(1.0 - 1e-9 <= e <= 6.0 + 1e-9 for e in row["ess_posterior"] + row["ess_marginal"])
+        assert row["low_ess_prompts"] == sum(e < config.probe.min_ess for e in row["ess_posterior"])
+        assert len(row["mse_grid"]) == len(row["alpha_grid"]) == 11 and math.isfinite(row["trace_var_t"])
+        assert all(
+            lo <= m <= hi
+            for lo, m, hi in zip(row["mse_grid_low"], row["mse_grid"], row["mse_grid_high"], strict=True)
+        )
     # Rows are grad_stats rows.
     table = conform("grad_stats", pa.Table.from_pylist(rows))
     assert table.num_rows == 4
@@ -555,6 +532,7 @@ def _register_run(workspace: Path, model_dir: Path) -> dict[str, Any]:
 
     from pipeline.training.reference import compute_reference_logps
     from storage import DatasetStore, schema_for
+    from tests.tiny_checkpoint import EOS_ID, char_ids
 
     rng = random.Random(0)
     store = DatasetStore(workspace)
@@ -576,6 +554,13 @@ def _register_run(workspace: Path, model_dir: Path) -> dict[str, Any]:
                 trace = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
                 block = f"<think>\n{trace}\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
                 answer = f"It is {rng.randint(0, 9)}."
+                prompt_text = f"<|user|>{p['prompt']}\n<|assistant|>"
+                if mode == "trace":
+                    pieces = [("<think>\n", 0), (trace, 1), ("\n</think>\n\n", 1), (answer, 3)]
+                else:
+                    pieces = [(block, 0), (answer, 3)]
+                ids = [t for text, _ in pieces for t in char_ids(text)] + [EOS_ID]
+                segments = [seg for text, seg in pieces for _ in text] + [4]
                 gens.append(
                     dict(
                         generation_id=f"{p['prompt_id']}-{mode}-{i}",
@@ -594,6 +579,12 @@ def _register_run(workspace: Path, model_dir: Path) -> dict[str, Any]:
                         budget_forced=False,
                         parse_ok=True,
                         reasoning_control="prefill",
+                        prompt_token_ids=char_ids(prompt_text),
+                        response_token_ids=ids,
+                        response_segments=segments,
+                        eos_emitted=True,
+                        temperature=0.8,
+                        top_p=0.95,
                     )
                 )
     refs = {"prompts": put("prompts", prompts, [])}
@@ -618,12 +609,17 @@ def _register_run(workspace: Path, model_dir: Path) -> dict[str, Any]:
                     margin=1.0,
                     chosen_generation_id=best["generation_id"],
                     rejected_generation_id=worst["generation_id"],
+                    prompt_token_ids=best["prompt_token_ids"],
+                    chosen_token_ids=best["response_token_ids"],
+                    rejected_token_ids=worst["response_token_ids"],
                 )
             )
     parents = [refs["generations"], refs["scores"]]
     refs["pairs_trace"] = put("pairs_trace", pairs["trace"], parents)
     refs["pairs_empty"] = put("pairs_empty", pairs["empty"], parents)
-    ref_rows = compute_reference_logps(str(model_dir), pairs, model_label="tiny", max_length=256, bf16=False)
+    ref_rows = compute_reference_logps(
+        str(model_dir), pairs, model_label="tiny", max_length=256, bf16=False
+    ).rows
     refs["ref_logps"] = put("ref_logps", ref_rows, [refs["pairs_trace"], refs["pairs_empty"]])
     refs["rows"] = {"generations": gens, "pairs": pairs, "ref_logps": ref_rows}
     return refs
@@ -666,14 +662,16 @@ def test_analyze_variance_cli_prints_the_table(tiny_run: Any) -> None:
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["alpha"] == 0.5 and 0.0 <= row["alpha_hat"] <= 1.0 and row["n_prompts"] == 4
-    assert row["trace_var_c"] == pytest.approx(0.25 * row["trace_var_t"], rel=1e-9)
+    # No processed log-probs stored: log q(r|x) is recomputed at the rows' temperature 0.8 / top-p 0.95.
+    assert row["proposal"] == "recomputed" and len(row["ess_posterior"]) == 4
+    assert row["mse_alpha"] == pytest.approx(row["mse_grid"][5], rel=1e-9)  # α = 0.5 is grid point 5
     table = runner.invoke(app, [*base, "--set", "train.probe.prompts=2"])
     assert table.exit_code == 0, table.output
-    assert "α̂*" in table.stdout and "tr Var_r[g_c]" in table.stdout and "2 prompts" in table.stdout
+    assert "α̂*" in table.stdout and "min ESS" in table.stdout and "2 prompts" in table.stdout
     bad = runner.invoke(app, [*base, "--pairs", "pairs_empty"])
     assert bad.exit_code == 1 and "not pairs_trace" in bad.output
     shown = runner.invoke(app, ["analyze-variance", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
-    assert "tr Var_r(g_c)" in shown.output  # nothing eaten by rich markup
+    assert "tr Var_r(g_t)" in shown.output  # nothing eaten by rich markup
     examples = [line.strip() for line in (analyze_variance.__doc__ or "").splitlines() if "bvpo " in line]
     assert shown.exit_code == 0 and len(examples) >= 3
     assert all(example in shown.output for example in examples)
@@ -718,9 +716,11 @@ def test_train_flow_registers_grad_stats_and_publishes_its_plot(tiny_run: Any, t
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> None:
-    """The default probe (LM head, D = 4096 Kronecker sketch) on SmolLM2-135M: finite values, the α² law, and
-    an α̂* that does not hinge on the projection (two projection seeds agree within 0.1, same four prompts)."""
+    """The default probe (LM head, D = 4096 Kronecker sketch) on SmolLM2-135M, on token-exact rows sampled at
+    temperature 0.8 / top-p 0.95: finite values, effective sample sizes in [1, M], and an α̂* that does not
+    hinge on the projection (two projection seeds agree within 0.1, same four prompts)."""
     from pipeline.model_assets import embedded_checkpoint
+    from pipeline.training.encoding import encode_text
     from pipeline.training.grad_probe import build_probe
     from pipeline.training.modeling import load_model_and_tokenizer
 
@@ -735,15 +735,24 @@ def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> No
         for mode in ("trace", "empty"):
             for k in range(4):
                 steps = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 30)))
-                block = f"<think>\n{steps}\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
-                answer = f"The answer is {rng.randint(0, 30)}."
+                if mode == "trace":
+                    pieces = [("<think>\n", 0), (steps, 1), ("\n</think>\n\n", 1 if k % 2 else 2)]
+                else:
+                    pieces = [("<think>\n\n</think>\n\n", 0)]
+                pieces.append((f"The answer is {rng.randint(0, 30)}.", 3))
+                ids, segments = [], []
+                for text, segment in pieces:
+                    piece = encode_text(tokenizer, text)
+                    ids += piece
+                    segments += [segment] * len(piece)
                 gens.append(
-                    _gen(f"q{i}", mode, k, None, answer)
-                    | {"prompt_text": prompt, "response_text": block + answer}
-                )
-        pairs.append(
-            _pair(f"q{i}") | {"prompt_text": prompt, "chosen_answer": "It is 12.", "rejected_answer": "No."}
-        )
+                    {"generation_id": f"q{i}-{mode}-{k}", "prompt_id": f"q{i}", "mode": mode,
+                     "sample_index": k, "prompt_token_ids": encode_text(tokenizer, prompt),
+                     "response_token_ids": [*ids, tokenizer.eos_token_id],
+                     "response_segments": [*segments, 4], "eos_emitted": True, "temperature": 0.8,
+                     "top_p": 0.95}
+                )  # fmt: skip
+        pairs.append(_pair(f"q{i}"))
     rows = []
     for seed in (0, 1):
         config = TrainConfig(alpha=0.5, probe=ProbeConfig(seed=seed, bootstrap=200))
@@ -751,9 +760,9 @@ def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> No
         rows.append(probe.analyze(model, alpha=0.5))
     for row in rows:
         assert row["params"] == "head" and row["dim"] == 4096 and row["n_prompts"] == 4
+        assert row["proposal"] == "recomputed" and row["traces_per_prompt"] == 4
         assert math.isfinite(row["alpha_hat"]) and 0.0 <= row["alpha_hat"] <= 1.0
-        assert row["trace_var_t"] > 0 and row["trace_var_c"] == pytest.approx(
-            0.25 * row["trace_var_t"], rel=1e-9
-        )
+        assert math.isfinite(row["trace_var_t"]) and row["denominator"] > 0
+        assert all(1.0 - 1e-9 <= e <= 4.0 + 1e-9 for e in row["ess_posterior"])
         assert row["ci_low"] <= row["alpha_hat"] <= row["ci_high"]
     assert abs(rows[0]["alpha_hat"] - rows[1]["alpha_hat"]) < 0.1

@@ -180,7 +180,7 @@ def analyze_variance(
     ] = None,
     alpha: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="α of g_c = α g_t + (1−α) g_e (default: train.alpha, or α̂*)."),
+        typer.Option(min=0.0, max=1.0, help="α at which MSE(α) is reported (default: train.alpha, or α̂*)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the grad_stats row as JSON.")] = False,
     config: ConfigOpt = None,
@@ -189,10 +189,11 @@ def analyze_variance(
 ) -> None:
     """Measure α̂* and the trace-induced gradient variance of a model on stored pairs, without training.
 
-    Runs the gradient probe once (train.probe.* sets its size): per-example gradients of ℓ_t over stored
-    reasoning-on traces, of ℓ_e, and the marginal-gradient estimate Ĝ, then prints α̂* with its bootstrap
-    interval, the trace-induced variances tr Var_r(g_t) and tr Var_r(g_c), E‖g_t − g_e‖²,
-    E⟨g_e − Ĝ, g_e − g_t⟩ and the biases.
+    Runs the gradient probe once (train.probe.* sets its size): per-example gradients of ℓ_t with each
+    answer after stored reasoning-on traces weighted to the sampler's posterior (as the trainer sees them),
+    of ℓ_e, and the marginal-gradient estimate Ĝ, then prints α̂* with its bootstrap interval, the measured
+    trace-induced variance tr Var_r(g_t), E‖g_t − g_e‖², E⟨g_e − Ĝ, g_e − g_t⟩, the biases, MSE(α) and the
+    smallest effective sample size of the importance weights.
 
     Examples:
       bvpo analyze-variance

@@ -197,7 +197,9 @@ def _budget_lines(metrics: list[dict[str, Any]], budget: str | None) -> list[str
 
 
 def _probe_lines(run: RunDatasets, rows: list[dict[str, Any]], figure: Path | None) -> list[str]:
-    """The gradient probe: α̂* with its interval per probe, and the trace-induced variance of g_t and g_c."""
+    """The gradient probe: α̂* with its interval per probe, the effective sample sizes of its importance
+    weights, the measured trace-induced variance of g_t and the estimated MSE(α) (docs/method.md §Probe
+    estimator)."""
     if not rows or run.grad_stats is None:
         return []
     rows = sorted(rows, key=lambda r: r["step"])
@@ -211,17 +213,32 @@ def _probe_lines(run: RunDatasets, rows: list[dict[str, Any]], figure: Path | No
         f"{last['n_prompts']} prompts, {last['dim']} gradient dimensions of `{last['params']}`); training "
         f"used α = {last['alpha']:.3g}.",
         "",
-        "| step | α used | α̂* [95% interval] | tr Var_r[g_t] | tr Var_r[g_c] | MSE trace | MSE empty "
-        "| MSE α |",
+        "g_t is the trainer's: each answer after traces drawn from the sampler's posterior given that answer "
+        "(importance weights over the stored traces). Min ESS: the smallest effective number of traces "
+        "behind a prompt's weights (in brackets: prompts below `train.probe.min_ess`, whose α̂* terms "
+        "rest on one or two traces). tr Var_r[g_t] is measured; the mixture's is α² times it by the "
+        "variance law (docs/method.md §The variance law), not measured here.",
+        "",
+        "| step | α used | α̂* [95% interval] | min ESS [low] | tr Var_r[g_t] | MSE(1) | MSE(0) | MSE(α) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ess = "-" if r.get("ess_min") is None else f"{r['ess_min']:.2f} [{r.get('low_ess_prompts', 0)}]"
         lines.append(
             f"| {r['step']} | {r['alpha']:.3g} | "
-            f"{r['alpha_hat']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
-            f"{_sci(r.get('trace_var_t'))} | {_sci(r.get('trace_var_c'))} | {_sci(r['mse_trace'])} | "
+            f"{r['alpha_hat']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {ess} | "
+            f"{_sci(r.get('trace_var_t'))} | {_sci(r['mse_trace'])} | "
             f"{_sci(r['mse_empty'])} | {_sci(r['mse_alpha'])} |"
         )
+    if last.get("mse_grid"):
+        curve = ", ".join(
+            f"{a:.1f}: {m:.3g} [{lo:.3g}, {hi:.3g}]"
+            for a, m, lo, hi in zip(
+                last["alpha_grid"], last["mse_grid"], last["mse_grid_low"], last["mse_grid_high"], strict=True
+            )
+            if round(a * 10) % 2 == 0
+        )
+        lines += ["", f"Estimated MSE(α) at the last probe (95% bootstrap intervals): {curve}."]
     if figure is not None:
         lines += ["", f"![α̂* over training and the trace-induced variance]({figure.name})"]
     return lines

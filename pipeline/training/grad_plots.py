@@ -1,8 +1,9 @@
-"""The gradient probe's picture as one PNG: α̂* over steps, and the trace-induced variance BVPO removes.
+"""The gradient probe's picture as one PNG: α̂* over steps, the MSE(α) curve, the measured trace variance.
 
 Left: α̂* of each probe with its bootstrap interval, and the α trained with at each step (docs/method.md
-§MSE-optimal α). Right: ``tr Var_r[g_t]`` against ``tr Var_r[g_c]`` of the mixed gradient
-``g_c = α g_t + (1−α) g_e`` (``= α² tr Var_r[g_t]``, docs/method.md §The variance law), log scale.
+§MSE-optimal α). Middle: the estimated ``MSE(α) = B − 2αN + α²D`` of the last probe on its grid, with the
+bootstrap band. Right: the measured ``tr Var_r[g_t]`` (posterior traces) over steps, and the smallest
+effective sample size of a prompt's importance weights (docs/method.md §Probe estimator).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def plot_grad_stats(
 
     rows = sorted(rows, key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     if rows:
         hat = [r["alpha_hat"] for r in rows]
         low = [max(0.0, h - r["ci_low"]) for h, r in zip(hat, rows, strict=True)]
@@ -45,20 +46,33 @@ def plot_grad_stats(
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
 
+    last = rows[-1] if rows else None
+    if last is not None and last.get("mse_grid"):
+        grid = last["alpha_grid"]
+        middle.fill_between(grid, last["mse_grid_low"], last["mse_grid_high"], alpha=0.25, label="95% band")
+        middle.plot(grid, last["mse_grid"], marker=".", label=f"MSE(α), step {last['step']}")
+        middle.axvline(last["alpha_hat"], color="k", linestyle="--", linewidth=1, label="α̂*")
+        middle.legend(fontsize=8)
+    middle.set_xlabel("α")
+    middle.set_title("estimated MSE of g_c against G")
+    middle.grid(alpha=0.3)
+
     var_t = [r["trace_var_t"] for r in rows]
-    var_c = [r["trace_var_c"] for r in rows]
-    right.plot(steps, var_t, marker="o", label="tr Var_r[g_t] (α = 1)")
-    right.plot(steps, var_c, marker="s", label="tr Var_r[g_c] (α used)")
-    if rows and all(v is not None and v > 0 for v in var_t + var_c):
+    right.plot(steps, var_t, marker="o", label="tr Var_r[g_t] (measured)")
+    if rows and all(v is not None and v > 0 for v in var_t):
         right.set_yscale("log")
     right.set_xlabel("optimizer steps before the probe")
-    right.set_title("trace-induced gradient variance")
+    right.set_title("trace-induced variance of g_t")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    if rows:
-        last = rows[-1]
+    right.legend(fontsize=8, loc="upper left")
+    if rows and all(r.get("ess_min") is not None for r in rows):
+        ess = right.twinx()
+        ess.plot(steps, [r["ess_min"] for r in rows], color="tab:red", marker="x", label="min ESS")
+        ess.set_ylabel("min effective traces per prompt")
+        ess.legend(fontsize=8, loc="upper right")
+    if last is not None:
         fig.suptitle(
-            f"{title}: {last['n_prompts']} prompts × {last['pairs_per_prompt']} trace pairs, "
+            f"{title}: {last['n_prompts']} prompts × {last['traces_per_prompt']} stored traces, "
             f"{last['params']} gradients, D = {last['dim']}"
         )
     else:
