@@ -311,7 +311,7 @@ def test_cli_needs_exactly_one_readable_non_empty_query(store: DatasetStore, tmp
     (tmp_path / "q.sql").write_text("select 1")
     (tmp_path / "empty.sql").write_text("  \n")
     cases = {
-        (): "no query",
+        (): "Missing argument 'QUERY'",
         ("select 1", "--file", str(tmp_path / "q.sql")): "both a query and --file",
         ("--file", str(tmp_path / "missing.sql")): "cannot read the query file",
         ("--file", str(tmp_path / "empty.sql")): "the query is empty",

@@ -27,6 +27,7 @@ DEFAULT_MAX_ROWS = 40
 
 @app.command()
 def sql(
+    ctx: typer.Context,
     query: Annotated[
         str | None,
         typer.Argument(help="A read-only SQL query over the dataset views; '-' reads it from stdin."),
@@ -72,7 +73,7 @@ def sql(
     if format_ is SqlFormat.parquet and output is None:
         err.print("[red]error:[/red] --format parquet needs --output FILE")
         raise typer.Exit(code=2)
-    text = _query_text(query, file)
+    text = _query_text(ctx, query, file)
     store = DatasetStore(workspace)
     total = 0
     try:
@@ -101,12 +102,12 @@ def sql(
         err.print(f"wrote {result.num_rows} rows to {output}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _query_text(query: str | None, file: Path | None) -> str:
-    """The query from the argument, ``--file`` or stdin (``-``); exit 2 unless exactly one source is given."""
-    if (query is None) == (file is None):
-        which = "both a query and --file" if query is not None else "no query"
-        err.print(f"[red]error:[/red] {which}: give a query, '-' (stdin) or --file PATH")
-        raise typer.Exit(code=2)
+def _query_text(ctx: typer.Context, query: str | None, file: Path | None) -> str:
+    """The query from the argument, ``--file`` or stdin (``-``); a usage error unless exactly one is given."""
+    if query is None and file is None:
+        ctx.fail("Missing argument 'QUERY' (or --file PATH, or '-' for stdin).")
+    if query is not None and file is not None:
+        ctx.fail("both a query and --file: give one of them")
     if query is not None and query != "-":
         text = query
     elif file is not None and str(file) != "-":
