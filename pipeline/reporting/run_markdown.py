@@ -108,6 +108,7 @@ def run_markdown(
                 f"{_num(r['chosen'])} | {_num(r['rejected'])} |"
             )
 
+    lines += _agreement_lines(stats.agreement())
     lines += ["", "## Training", ""]
     lines += _training_lines(run, metrics, curves)
     lines += _probe_lines(run, *probe)
@@ -131,6 +132,30 @@ def run_markdown(
     lines.append(f"bvpo report {run.anchor.name} -w {ws}        # this report")
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _agreement_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Sampler/trainer log-prob agreement per mode and segment (docs/method.md §Token-exact sequences)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Sampler/trainer agreement",
+        "",
+        "Per sampled token of the pairs' generations: the reference pass's log-prob minus the engine's raw "
+        "log-prob of the same token (same model, before training), in nats. Large values mean the trainer "
+        "does not score what the sampler produced (template, tokenizer, dtype or kernels differ).",
+        "",
+        "| mode | segment | tokens | mean abs | mean | p99 abs | max abs | engine dtype |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['mode']} | {r['segment']} | {r['tokens']} | {_num(r['mean_abs_delta'], 4)} | "
+        f"{_num(r['mean_delta'], 4)} | {_num(r['p99_abs_delta'], 4)} | {_num(r['max_abs_delta'], 4)} | "
+        f"{r.get('sampler_dtype') or '-'} |"
+        for r in sorted(rows, key=lambda r: (r["mode"], r["segment"] == "all", r["segment"]))
+    ]
+    return lines
 
 
 def _training_lines(run: RunDatasets, metrics: list[dict[str, Any]], curves: Path | None) -> list[str]:

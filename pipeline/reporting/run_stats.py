@@ -75,3 +75,9 @@ class RunStats:
         return self.query(
             f"SELECT stage, reason, count(*) AS n FROM ({union}) GROUP BY ALL ORDER BY n DESC, stage, reason"
         )
+
+    def agreement(self) -> list[dict[str, Any]]:
+        """The sampler/trainer agreement rows of the run's reference pass (docs/method.md §Token-exact)."""
+        pairs = self.run.one("pairs_trace")
+        found = self.run.children(pairs, "logp_agreement") if pairs is not None else []
+        return self.rows(found[-1]) if found else []
