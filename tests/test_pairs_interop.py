@@ -394,3 +394,29 @@ def test_exported_records_are_what_trl_reads(tmp_path: Path, tiny: Path, tokeniz
     )
     assert rendered["prompt"] == pair["prompt_text"]
     assert rendered["chosen"].startswith(pair["chosen_response"])
+
+
+@pytest.mark.parametrize("control", ["prefill", "native"])
+def test_d_e_responses_keep_or_drop_the_empty_block_as_the_template_does(control: str) -> None:
+    """A native template writes D_e's empty block into the prompt; prefill control keeps it in the response.
+
+    Exported messages always carry the block, and importing them gives back the stored response exactly.
+    """
+    from pipeline.config import ReasoningConfig
+    from pipeline.interop.formats import inline_content, parse_row, response_text
+
+    fmt = TraceFormat(ReasoningConfig(control=control))  # type: ignore[arg-type]
+    stored = (fmt.empty_block if control == "prefill" else "") + "Four.\n"
+    message = inline_content(fmt, "empty", stored)
+    assert message == fmt.empty_block + "Four.\n"
+    record = {"prompt": "2 + 2?", "chosen": message, "rejected": "Five.", "mode": "empty"}
+    pair = parse_row("k", record, fmt, max_prompt_chars=100, max_response_chars=100)
+    assert response_text(fmt, "empty", pair.chosen) == stored
+    assert (
+        response_text(fmt, "empty", pair.rejected)
+        == (fmt.empty_block if control == "prefill" else "") + "Five."
+    )
+    respelled = parse_row(
+        "k", {**record, "chosen": "<think></think>Four."}, fmt, max_prompt_chars=100, max_response_chars=100
+    )
+    assert response_text(fmt, "empty", respelled.chosen) == fmt.response_prefix("empty") + "Four."
