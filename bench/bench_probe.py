@@ -1,4 +1,4 @@
-"""Benchmark: wall time the gradient probe adds to BVPO training (target ≤ 15% at the default probe settings).
+"""Benchmark: wall time the gradient probe adds to BVPO training (target ≤ 10% at the default probe settings).
 
 One process, the embedded SmolLM2-135M checkpoint, the default TrainConfig (batch_size 2 pairs per mode,
 bf16 autocast) and the default probe (``train.probe``: 4 prompts × 4 stored traces, LM-head gradients sketched
@@ -9,9 +9,9 @@ that both see the same load on a shared CPU; with ``--steps`` equal to ``probe.e
 holds exactly one probe. Reported: ``B / A − 1`` (the added wall time, the target) and the probe's own seconds
 over A's time.
 
-Synthetic data shaped like the pipeline's: chat prompts, reasoning-on responses of ``<think>`` + about
-``--trace-tokens`` tokens + an answer of about ``--answer-tokens`` tokens, and their reasoning-off twins; the
-probe reads them as stored generations (``build_probe``), exactly as in training.
+Synthetic data shaped like the pipeline's, as token-exact rows: chat prompts, reasoning-on responses of
+``<think>`` + about ``--trace-tokens`` words + an answer of about ``--answer-tokens`` words, and their
+reasoning-off twins; the probe reads them as stored generations (``build_probe``), exactly as in training.
 
     .venv/bin/python bench/bench_probe.py [--steps 10] [--rounds 1] [--every 10]
 """
@@ -39,32 +39,49 @@ def _text(rng: random.Random, words: int) -> str:
 def make_data(
     tokenizer: Any, prompts: int, samples: int, trace_tokens: int, answer_tokens: int
 ) -> dict[str, Any]:
-    """Generations (both modes, ``samples`` per prompt) and a pair per prompt and mode, as stored."""
+    """Generations (both modes, ``samples`` per prompt) and a pair per prompt and mode, token-exact."""
     from pipeline.prompts.builtin import build_builtin_prompts
+    from pipeline.training.encoding import encode_text
 
     rng = random.Random(0)
+    eos = tokenizer.eos_token_id
     gens: list[dict[str, Any]] = []
     pairs: dict[str, list[dict[str, Any]]] = {"trace": [], "empty": []}
     for i, prompt in enumerate(build_builtin_prompts(prompts, seed=7)):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt.prompt}], tokenize=False, add_generation_prompt=True
         )
+        prompt_ids = encode_text(tokenizer, text)
         for mode in ("trace", "empty"):
             rows = []
             for k in range(samples):
-                block = f"<think>\n{_text(rng, trace_tokens)}\n</think>\n\n" if mode == "trace" else ""
-                block = block or "<think>\n\n</think>\n\n"
+                if mode == "trace":
+                    pieces = [("<think>\n", 0), (_text(rng, trace_tokens), 1), ("\n</think>\n\n", 1)]
+                else:
+                    pieces = [("<think>\n\n</think>\n\n", 0)]
                 answer = _text(rng, answer_tokens)
+                pieces.append((answer, 3))
+                ids, segments = [], []
+                for piece, segment in pieces:
+                    piece_ids = encode_text(tokenizer, piece)
+                    ids += piece_ids
+                    segments += [segment] * len(piece_ids)
                 rows.append(
-                    {"prompt_id": f"p{i}", "mode": mode, "sample_index": k, "prompt_text": text,
-                     "response_text": block + answer, "answer": answer}
+                    {"generation_id": f"p{i}-{mode}-{k}", "prompt_id": f"p{i}", "mode": mode,
+                     "sample_index": k, "prompt_text": text, "answer": answer,
+                     "response_text": "".join(t for t, _ in pieces),
+                     "prompt_token_ids": prompt_ids, "response_token_ids": [*ids, eos],
+                     "response_segments": [*segments, 4], "eos_emitted": True, "temperature": 0.8,
+                     "top_p": 0.95}
                 )  # fmt: skip
             gens += rows
             best, worst = rows[0], rows[1]
             pairs[mode].append(
                 {"pair_id": f"p{i}-{mode}", "prompt_id": f"p{i}", "prompt_text": text,
-                 "chosen_response": best["response_text"], "rejected_response": worst["response_text"],
-                 "chosen_answer": best["answer"], "rejected_answer": worst["answer"]}
+                 "chosen_generation_id": best["generation_id"],
+                 "rejected_generation_id": worst["generation_id"],
+                 "prompt_token_ids": prompt_ids, "chosen_token_ids": best["response_token_ids"],
+                 "rejected_token_ids": worst["response_token_ids"]}
             )  # fmt: skip
     return {"generations": gens, "pairs": pairs}
 
@@ -83,9 +100,9 @@ def main() -> None:
 
     from pipeline.config import ProbeConfig, TrainConfig
     from pipeline.model_assets import embedded_checkpoint
+    from pipeline.training.encoding import pair_tokens
     from pipeline.training.grad_probe import build_probe
     from pipeline.training.modeling import load_model_and_tokenizer
-    from pipeline.training.sequences import tokenize_pair
     from pipeline.training.trainer import BVPOTrainer, RefPair
 
     path = str(embedded_checkpoint())
@@ -109,7 +126,7 @@ def main() -> None:
         if not data:
             data = make_data(tokenizer, args.prompts, 4, args.trace_tokens, args.answer_tokens)
         refs = {
-            mode: [RefPair(tokenize_pair(tokenizer, p, config.max_length), -100.0, -100.0) for p in rows]
+            mode: [RefPair(pair_tokens(p), -100.0, -100.0) for p in rows]
             for mode, rows in data["pairs"].items()
         }
         probe = (
@@ -136,7 +153,7 @@ def main() -> None:
         "steps_timed": args.steps * args.rounds,
         "probe_every": probe_settings.every,
         "probes_timed": len(timed_rows),
-        "probe_set": f"{probe_rows[0]['n_prompts']} prompts x {probe_rows[0]['pairs_per_prompt']} pairs",
+        "probe_set": f"{probe_rows[0]['n_prompts']} prompts x {probe_rows[0]['traces_per_prompt']} traces",
         "dim": probe_rows[0]["dim"],
         "tokens_per_step": tokens,
         "s_per_step_without": elapsed["A"] / (args.steps * args.rounds),
