@@ -1,13 +1,17 @@
 """Entry point for one rank of a distributed BVPO run: ``torchrun -m pipeline.training.launch req.json``.
 
 Initializes the process group (nccl on GPUs, gloo on CPU), trains, and rank 0 writes the result file.
+``python -m pipeline.training.launch --join <request.json>`` starts the ranks of another node of a
+multi-node run (``train.num_nodes``; docs/orchestration.md).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -77,5 +81,22 @@ def main(request_path: str) -> None:
     run_in_process_group(lambda: _train_rank(request))
 
 
+def join(request_path: str, wait_s: float = 3600.0) -> int:
+    """Another node of a multi-node run: wait for the request (see ``run.request_dir_for``), then start
+    this node's ranks with the same torchrun rendezvous; the exit code of torchrun."""
+    from pipeline.training.run import torchrun_command
+
+    request = Path(request_path)
+    deadline = time.monotonic() + wait_s
+    while not request.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no training request appeared at {request} within {wait_s:.0f} s")
+        time.sleep(1.0)
+    config = TrainConfig.model_validate(json.loads(request.read_text())["config"])
+    return subprocess.run(torchrun_command(config, request)).returncode
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--join":
+        sys.exit(join(sys.argv[2]))
     main(sys.argv[1])

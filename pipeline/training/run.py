@@ -173,6 +173,26 @@ def train_bvpo(
     return TrainResult(output_dir, trainer.metrics, delta, resumed, probe.rows if probe is not None else [])
 
 
+def request_dir_for(output_dir: Path) -> Path:
+    """Where a multi-node run's request (config and input rows) lies for the other nodes to join."""
+    return output_dir.parent / f"{output_dir.name}.request"
+
+
+def torchrun_command(config: TrainConfig, request: Path) -> list[str]:
+    """The torchrun command of one node: standalone on one node, else the c10d rendezvous of the config."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={config.num_processes}"]
+    if config.num_nodes == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            f"--nnodes={config.num_nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={config.rdzv_endpoint}",
+            f"--rdzv-id={config.rdzv_id}",
+        ]
+    return [*command, "-m", "pipeline.training.launch", str(request)]
+
+
 def _launch_distributed(
     model_path: str,
     pairs_trace: Sequence[dict[str, Any]],
@@ -183,8 +203,16 @@ def _launch_distributed(
     trust_remote_code: bool,
     generations: Sequence[dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Run :func:`train_bvpo` under torchrun with ``config.num_processes`` ranks."""
-    with tempfile.TemporaryDirectory(prefix="bvpo-train-") as tmp:
+    """Run :func:`train_bvpo` under torchrun: ``config.num_processes`` ranks on each of ``num_nodes``.
+
+    With several nodes the request goes to :func:`request_dir_for` (the workspace: storage every node
+    sees, at the same path), where ``python -m pipeline.training.launch --join <request.json>`` on each
+    other node picks it up; the run waits at the rendezvous until all nodes have joined.
+    """
+    multi_node = config.num_nodes > 1
+    with tempfile.TemporaryDirectory(prefix="bvpo-train-") as scratch:
+        tmp = request_dir_for(output_dir) if multi_node else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, rows in (
             ("pairs_trace", pairs_trace),
@@ -192,11 +220,13 @@ def _launch_distributed(
             ("ref_logps", ref_logps),
             *([("generations", generations)] if generations is not None else []),
         ):
-            paths[name] = str(Path(tmp) / f"{name}.parquet")
+            paths[name] = str(tmp / f"{name}.parquet")
             pq.write_table(pa.Table.from_pylist(list(rows)), paths[name])
-        request = Path(tmp) / "request.json"
-        result_path = Path(tmp) / "result.json"
-        request.write_text(
+        request = tmp / "request.json"
+        result_path = tmp / "result.json"
+        result_path.unlink(missing_ok=True)
+        staging = tmp / ".request.json.tmp"  # renamed into place: a joining node never reads half a file
+        staging.write_text(
             json.dumps(
                 {
                     "model_path": model_path,
@@ -208,20 +238,19 @@ def _launch_distributed(
                 }
             )
         )
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={config.num_processes}", "-m", "pipeline.training.launch", str(request),
-        ]  # fmt: skip
+        staging.rename(request)
         env = dict(os.environ)
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not multi_node:
             # All ranks are on this machine: gloo must not follow the hostname to an interface that a
             # sandboxed or firewalled host cannot reach (ranks then wait out the 30-minute timeout).
             env.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
-        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        proc = subprocess.run(torchrun_command(config, request), env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
             raise RuntimeError(f"distributed training failed (exit code {proc.returncode}):\n{tail}")
-        result = json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())  # written by global rank 0, on whichever node
+        if multi_node:
+            shutil.rmtree(tmp, ignore_errors=True)
     return TrainResult(
         output_dir,
         result["metrics"],
