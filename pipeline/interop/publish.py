@@ -8,6 +8,7 @@ reuses a trained checkpoint does not log its curves twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,7 +124,11 @@ class _Reporter:
     ) -> None:
         self.marker = checkpoint / RUNS_DIR / ".reported.json"
         uri, artifacts = mlflow_store(config.train.mlflow_tracking_uri, store.workspace)
-        self.names = {"tensorboard": "tensorboard", "mlflow": f"mlflow:{uri}"}
+        # The store's URI is keyed by its hash: it may carry credentials (http://user:token@host).
+        self.names = {
+            "tensorboard": "tensorboard",
+            "mlflow": f"mlflow:{hashlib.sha256(uri.encode()).hexdigest()[:16]}",
+        }
         self.trackers = open_trackers(
             config.train.report_to,
             log_dir=checkpoint / RUNS_DIR,
