@@ -408,10 +408,11 @@ class TrainConfig(_Section):
         "'always': append it to every response (the behaviour before token-exact sequences).",
     )
     agreement_warn_mean_abs: float = Field(
-        0.05,
+        0.1,
         ge=0.0,
         description="Warn when the mean |sampler log-prob − reference log-prob| per sampled token of a mode "
-        "exceeds this (nats): the alarm for template, tokenizer, dtype or kernel drift.",
+        "exceeds this (nats): the alarm for template, tokenizer, dtype or kernel drift. Measured on the "
+        "embedded model: 4e-6 with engine and reference in fp32, 0.03-0.045 with both in bf16.",
     )
     bf16: bool | Literal["auto"] = Field(
         "auto",

@@ -222,11 +222,11 @@ def check_token_exact(rows: list[dict[str, Any]], log_path: str, tokenizer: Any)
             assert scored == full_of[pair[side]]
 
 
-AGREEMENT_BOUND = 0.08
-"""Mean |reference − sampler| log-prob per sampled token, both in bf16 (the defaults). Measured on 12 builtin
-prompts x 4 samples (docs/method.md §Token-exact sequences): 0.03-0.04 nats; fp32 engine vs fp32 reference:
-below 1e-4. The bound leaves about 2x room for other prompts and machines, and is far below what a template
-or tokenizer mismatch gives (a shifted token boundary costs nats on the tokens it touches)."""
+AGREEMENT_BOUND = 0.1
+"""Mean |reference − sampler| log-prob per sampled token, engine and reference pass both in bf16 (the
+defaults): the default ``train.agreement_warn_mean_abs``. Measured on 12 builtin prompts x 4 samples
+(docs/method.md §Token-exact sequences): 0.032 (reasoning off) and 0.044 (on) nats; with both in fp32, 4e-6.
+A template or tokenizer mismatch shifts token boundaries and costs nats on the tokens it touches."""
 
 
 def test_reference_pass_agrees_with_the_sampler_per_token(resumed: dict[str, Any], checkpoint: str) -> None:
