@@ -100,3 +100,36 @@ def check_chat_template(tokenizer: Any, reasoning: ReasoningConfig, model: str) 
             f"reasoning.close_tag {reasoning.close_tag!r} when enable_thinking=False: set "
             "reasoning.open_tag/close_tag to the template's tags, or use reasoning.control 'prefill'"
         )
+
+
+class ServedModelError(ValueError):
+    """A served engine serves another model than the config's ``model.name_or_path``."""
+
+
+def _same_model(name: str, configured: str) -> bool:
+    a, b = name.rstrip("/"), configured.rstrip("/")
+    return a == b or Path(a).name == Path(b).name
+
+
+def check_served_model(models: list[dict[str, Any]], configured: str, served_model: str | None) -> None:
+    """Raise :class:`ServedModelError` unless the served model (``served_model``, else the first entry of
+    the server's ``/models``) is ``configured`` (``model.name_or_path``): by its id or, for an alias
+    (``--served-model-name``), the ``root`` vLLM reports; a local folder matches by its last component.
+
+    Otherwise the prompts would be rendered and the pairs trained with one model's tokenizer and
+    template while another model samples them.
+    """
+    ids = [str(m.get("id")) for m in models]
+    chosen = next((m for m in models if m.get("id") == served_model), None) if served_model else None
+    if served_model and chosen is None:
+        raise ServedModelError(f"generation.served_model {served_model!r} is not served (serving: {ids})")
+    entry = chosen or (models[0] if models else None)
+    if entry is None:
+        raise ServedModelError("the server's /models lists no model")
+    names = list(dict.fromkeys(str(entry[k]) for k in ("id", "root") if entry.get(k)))
+    if not any(_same_model(name, configured) for name in names):
+        raise ServedModelError(
+            f"the server serves {' / '.join(names)}, but model.name_or_path is {configured!r}: the pipeline "
+            "would render and train with one model while another samples; serve the configured model "
+            "(e.g. VLLM_MODEL in docker-compose) or set model.name_or_path to the served one"
+        )

@@ -7,6 +7,7 @@ requests (429, 5xx, 400, slow answers), so the retry, backoff and timeout paths 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -251,7 +252,7 @@ def test_the_stage_runs_both_modes_over_http(stub: tuple[Stub, str], tmp_path: P
         {"prompt_id": "b", "prompt": "second question"},
     ]
     result = run_generate_stage(
-        "unused", prompts, cfg, model_label="m", staging_dir=tmp_path, tokenizer=WordTokenizer()
+        "served-model", prompts, cfg, model_label="m", staging_dir=tmp_path, tokenizer=WordTokenizer()
     )
     assert len(result.rows) == 2 * 2 * 2 and result.shards_generated == 2
     assert {(r["engine"], r["seed"]) for r in result.rows} == {("openai", None)}
@@ -260,3 +261,17 @@ def test_the_stage_runs_both_modes_over_http(stub: tuple[Stub, str], tmp_path: P
     assert all(r["trace_closed"] and r["trace"].startswith("step") and r["trace_tokens"] == 5 for r in trace)
     assert all(r["trace"] is None and r["answer"] for r in result.rows if r["mode"] == "empty")
     assert {r["model"] for r in state.requests} == {"served-model"}
+
+
+def test_the_stage_refuses_a_server_serving_another_model(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    from pipeline.preflight import ServedModelError
+
+    _, url = stub
+    cfg = GenerationConfig(engine="openai", base_url=url, samples_per_prompt=2, max_trace_tokens=16)
+    prompts = [{"prompt_id": "a", "prompt": "first question"}]
+    expected = "serves served-model, but model.name_or_path is 'Qwen/Qwen3-8B'"
+    with pytest.raises(ServedModelError, match=re.escape(expected)):
+        run_generate_stage(
+            "Qwen/Qwen3-8B", prompts, cfg, model_label="m", staging_dir=tmp_path, tokenizer=WordTokenizer()
+        )
+    assert not list(tmp_path.rglob("*.parquet"))  # refused before any shard was sampled

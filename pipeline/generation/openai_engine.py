@@ -73,6 +73,12 @@ class OpenAICompletionsEngine(EndpointClient):
                 raise EndpointError(f"{self.base_url}/models lists no model: {str(body)[:300]}") from exc
         return self._model
 
+    def served_models(self) -> list[dict[str, Any]]:
+        """The entries of the server's ``/models`` (``id``; vLLM adds ``root``, the model it loaded)."""
+        body = self._request("GET", "/models", None)
+        data = body.get("data") if isinstance(body, dict) else None
+        return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
     def reseed(self, seed: int) -> int | None:
         """A served engine is seeded by whoever started it: nothing to do, no seed to record."""
         return None

@@ -155,7 +155,10 @@ def _generate(
         from pipeline.generation.openai_engine import OpenAICompletionsEngine
 
         opened = time.perf_counter()
+        from pipeline.preflight import check_served_model
+
         with OpenAICompletionsEngine.from_config(config, tokenizer) as http:
+            check_served_model(http.served_models(), model_path, config.served_model)  # before sampling
             handle({"event": "engine_ready", "seconds": time.perf_counter() - opened, "model": http.model})
             run_shards(http, shards, config, store, model_label=model_label, emit=handle)
     else:
