@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from pipeline.training.encoding import TokenizedPair
-from pipeline.training.packing import pack_pairs, packed_logps, packed_mask, shares_prefix
+from pipeline.training.packing import choose_row_tokens, pack_pairs, packed_logps, packed_mask, shares_prefix
 from pipeline.training.sequences import pairs_batch, sequence_logps
 from tests.tiny_lm import VOCAB, tiny_model
 
@@ -134,3 +134,13 @@ def test_empty_prompt_and_dense_mask_on_varlen_attention_are_errors() -> None:
     assert not shares_prefix(model)
     with pytest.raises(ValueError, match="shared_prefix=False"):
         packed_logps(model, pack_pairs(_pairs(1, seed=8), pad_id=0))
+
+
+def test_row_budget_trades_dense_attention_against_padding() -> None:
+    pairs = _pairs(6, seed=9)
+    sizes = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    assert len(set(sizes)) > 1
+    # Free attention: one row, no padding at all; costly attention: one pair per row.
+    assert pack_pairs(pairs, 0, row_tokens=choose_row_tokens(pairs, key_cost=0.0)).input_ids.shape[0] == 1
+    assert choose_row_tokens(pairs, key_cost=10.0) == max(sizes)
+    assert pack_pairs(pairs, 0, row_tokens=max(sizes)).input_ids.shape[0] == len(pairs)

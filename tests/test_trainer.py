@@ -149,7 +149,9 @@ def test_missing_mode_data_is_a_clear_error() -> None:
 
 def _train_rank(out: str, strategy: str) -> None:
     config = _config(alpha=0.4, max_steps=3, distributed=strategy)
-    trainer = BVPOTrainer(tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), config, 0)
+    # SDPA: one process and each rank pack different rows, and eager's float32 softmax rounds by row layout.
+    model = tiny_model(attn_implementation="sdpa")
+    trainer = BVPOTrainer(model, random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), config, 0)
     trainer.train()
     params = trainer.full_model_state_dict()  # collective under FSDP
     if trainer.rank == 0:
@@ -198,7 +200,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, strategy: str) -> None
                 process.kill()
             pytest.fail(f"{strategy}: the two gloo ranks did not finish within 280 s")
     single = BVPOTrainer(
-        tiny_model(), random_pairs(6, 1, "t"), random_pairs(6, 2, "e"), _config(alpha=0.4, max_steps=3), 0
+        tiny_model(attn_implementation="sdpa"),
+        random_pairs(6, 1, "t"),
+        random_pairs(6, 2, "e"),
+        _config(alpha=0.4, max_steps=3),
+        0,
     )
     single.train()
     ddp = torch.load(out, weights_only=False)

@@ -13,7 +13,11 @@ from pipeline.training.trainer import RefPair
 VOCAB = 64
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+def tiny_model(
+    seed: int = 0, dtype: torch.dtype = torch.float64, attn_implementation: str = "eager"
+) -> LlamaForCausalLM:
+    """``attn_implementation="sdpa"``: a float64 softmax (eager's runs in float32, so its rounding depends on
+    where a sequence sits in a packed row)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -24,8 +28,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCau
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
-        # Eager attention is exact in float64 (CPU SDPA kernels accumulate in lower precision).
-        attn_implementation="eager",
+        # Eager computes its softmax in float32 (~1e-9 in float64 log-probs); float64 SDPA matched a
+        # one-sequence-at-a-time reference to 0.0 here (tests/test_packing.py).
+        attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config).to(dtype)
 

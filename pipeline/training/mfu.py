@@ -28,6 +28,11 @@ class FlopModel:
     layers: int
     attention_width: int  # heads × head dim
 
+    @property
+    def key_cost(self) -> float:
+        """FLOPs of one attended key relative to one position run (packing's row-layout choice)."""
+        return 2.0 * self.layers * self.attention_width / max(1, self.matmul_params)
+
     def step_flops(self, forward_tokens: int, attended_keys: int) -> float:
         """Forward + backward model FLOPs of ``forward_tokens`` positions seeing ``attended_keys`` keys."""
         weights = 6.0 * self.matmul_params * forward_tokens

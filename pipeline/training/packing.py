@@ -149,6 +149,37 @@ def pack_pairs(
     )
 
 
+def _row_widths(sizes: Sequence[int], row_tokens: int) -> list[int]:
+    """Row lengths of :func:`pack_pairs`'s greedy, in-order packing of pairs of ``sizes`` tokens."""
+    rows = [0]
+    for size in sizes:
+        if rows[-1] and rows[-1] + size > row_tokens:
+            rows.append(0)
+        rows[-1] += size
+    return rows
+
+
+def choose_row_tokens(pairs: Sequence[PairIds], key_cost: float, cap: int = ROW_TOKENS) -> int:
+    """The row budget (≤ ``cap``, or the largest pair) of least estimated cost for the shared layout.
+
+    A row of width W costs W positions (its padding runs too) plus ``key_cost``·W² for its dense attention
+    mask (every query meets every key of the row); ``key_cost`` is the cost of one query-key pair relative
+    to one position (``FlopModel.key_cost``). Few long rows waste attention, many short rows padding.
+    """
+    sizes = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    if not sizes:
+        return cap
+    best_budget, best_cost = max(sizes), float("inf")
+    for count in range(1, len(sizes) + 1):  # budgets that fit about ``count`` of the largest pairs
+        budget = max(max(sizes), min(cap, count * max(sizes)))
+        widths = _row_widths(sizes, budget)
+        width = max(widths)
+        cost = len(widths) * (width + key_cost * width * width)
+        if cost < best_cost:
+            best_budget, best_cost = budget, cost
+    return best_budget
+
+
 def _attended(prompt: int, chosen: int, rejected: int, shared: bool) -> int:
     """Keys seen by a pair's positions: token k of a causal sequence sees k + 1; responses also the prompt."""
 

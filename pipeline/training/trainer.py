@@ -28,7 +28,13 @@ from pipeline.config import TrainConfig
 from pipeline.training.loss import BVPOLoss, DPOOutput, PreferenceLogps
 from pipeline.training.mfu import flop_model, training_peak
 from pipeline.training.modeling import autocast
-from pipeline.training.packing import PackedPairs, pack_pairs, packed_logps, shares_prefix
+from pipeline.training.packing import (
+    PackedPairs,
+    choose_row_tokens,
+    pack_pairs,
+    packed_logps,
+    shares_prefix,
+)
 from pipeline.training.precision import resolve_bf16
 from pipeline.training.sampling import PairSampler, pairs_per_mode
 from pipeline.training.sequences import TokenizedPair
@@ -182,7 +188,11 @@ class BVPOTrainer:
         """The padding-free layout of ``batch`` (prompt shared by both responses where attention allows)."""
         if not batch:
             return None
-        return pack_pairs([p.tokens for p in batch], self.pad_id, shared_prefix=shares_prefix(self.model))
+        pairs = [p.tokens for p in batch]
+        if not shares_prefix(self.model):
+            return pack_pairs(pairs, self.pad_id, shared_prefix=False)
+        rows = choose_row_tokens(pairs, self.flops.key_cost)  # few long rows vs padding (packing.py)
+        return pack_pairs(pairs, self.pad_id, row_tokens=rows)
 
     def _mfu(self, forward_tokens: int, keys: int, elapsed: float) -> float | None:
         """Model FLOPs per second over the measured matmul peak of all processes (mfu.py)."""
