@@ -5,6 +5,11 @@ number of sequences per optimizer step (TRL: B pairs = 2B sequences; BVPO with Î
 D_t and B/2 from D_e = 2B sequences, the same texts in both modes). Each side runs in its own process so
 peak RSS is its own. Needs the bench extra (``pip install -e .[bench]`` for trl).
 
+tokens/s counts the same thing on both sides: the tokens of the 2B sequences prompt + response (BVPO runs
+each prompt once for its two responses and pads nothing, so it runs fewer positions than it counts). MFU is
+each side's model FLOPs (6Â·N per position run plus the attention term, pipeline/training/mfu.py) per second
+over this machine's measured matmul peak in the precision used.
+
     .venv/bin/python bench/bench_trainer.py --steps 6 --pairs-per-step 4 [--bf16]
 """
 
@@ -51,18 +56,32 @@ def make_pairs(tokenizer: Any, count: int, response_tokens: int) -> list[dict[st
     return pairs
 
 
+def _tokenized(tokenizer: Any, pair: dict[str, Any]) -> Any:
+    """Prompt and responses tokenized apart (responses end with EOS), as the training data is."""
+    try:
+        from pipeline.training.encoding import TokenizedPair
+    except ImportError:
+        from pipeline.training.sequences import TokenizedPair  # type: ignore[no-redef]
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    eos = [tokenizer.eos_token_id]
+    chosen, rejected = ids(pair["chosen_response"]) + eos, ids(pair["rejected_response"]) + eos
+    return TokenizedPair(pair["pair_id"], ids(pair["prompt_text"]), chosen, rejected, False)
+
+
 def run_bvpo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pipeline.config import TrainConfig
     from pipeline.model_assets import embedded_checkpoint
     from pipeline.training.modeling import load_model_and_tokenizer
-    from pipeline.training.sequences import tokenize_pair
     from pipeline.training.trainer import BVPOTrainer, RefPair
 
     model, tokenizer = load_model_and_tokenizer(str(embedded_checkpoint()), False)
     pairs = make_pairs(tokenizer, args.num_pairs, args.response_tokens)
-    data = [RefPair(tokenize_pair(tokenizer, p, 1024), -100.0, -100.0) for p in pairs]
+    data = [RefPair(_tokenized(tokenizer, p), -100.0, -100.0) for p in pairs]
     config = TrainConfig(
         alpha=0.5,
         batch_size=args.pairs_per_step // 2,
@@ -74,13 +93,18 @@ def run_bvpo(args: argparse.Namespace) -> dict[str, Any]:
     )
     torch.manual_seed(0)
     trainer = BVPOTrainer(model, data, data, config, pad_id=tokenizer.pad_token_id)
-    trainer.train_step()  # warm-up, not timed
+    trainer.train_step()  # warm-up, not timed (it also measures the matmul peak for the MFU)
     start = time.perf_counter()
-    tokens = 0
-    for _ in range(args.steps):
-        tokens += trainer.train_step()["tokens"]
+    rows = [trainer.train_step() for _ in range(args.steps)]
     elapsed = time.perf_counter() - start
-    return {"impl": "bvpo", "s_per_step": elapsed / args.steps, "tokens_per_s": tokens / elapsed}
+    tokens = sum(r["tokens"] for r in rows)
+    return {
+        "impl": "bvpo",
+        "s_per_step": elapsed / args.steps,
+        "tokens_per_s": tokens / elapsed,
+        "positions_per_s": sum(r["forward_tokens"] for r in rows) / elapsed,
+        "mfu": sum(r["mfu"] * r["seconds"] for r in rows) / sum(r["seconds"] for r in rows),
+    }
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,15 +149,26 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
         trainer.add_callback(Timer())
         trainer.train()
+    from pipeline.training.mfu import flop_model, training_peak
+
     steps = len(marks) - 1
     elapsed = marks[-1] - marks[0]
-    seq_tokens = sum(
+    lengths = [
         len(tokenizer(p["prompt_text"] + r)["input_ids"])
         for p in pairs
         for r in (p["chosen_response"], p["rejected_response"])
-    ) / len(pairs)
-    tokens = seq_tokens * args.pairs_per_step * steps
-    return {"impl": "trl", "s_per_step": elapsed / steps, "tokens_per_s": tokens / elapsed}
+    ]
+    per_pair = sum(lengths) / len(pairs)  # TRL draws pairs in its own order: the mean pair
+    keys_per_pair = sum(n * (n + 1) // 2 for n in lengths) / len(pairs)
+    tokens = per_pair * args.pairs_per_step * steps
+    flops = flop_model(model).step_flops(int(tokens), int(keys_per_pair * args.pairs_per_step * steps))
+    return {
+        "impl": "trl",
+        "s_per_step": elapsed / steps,
+        "tokens_per_s": tokens / elapsed,
+        "positions_per_s": tokens / elapsed,  # unpadded positions (TRL also runs its padding)
+        "mfu": flops / elapsed / training_peak(model, args.bf16),
+    }
 
 
 def main() -> None:
@@ -163,7 +198,8 @@ def main() -> None:
     print(
         f"{'bf16' if args.bf16 else 'fp32'}: BVPO/TRL steps/s x{trl['s_per_step'] / ours['s_per_step']:.2f}, "
         f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
-        f"peak RSS {ours['peak_rss_mb']:.0f} MB vs {trl['peak_rss_mb']:.0f} MB"
+        f"peak RSS {ours['peak_rss_mb']:.0f} MB vs {trl['peak_rss_mb']:.0f} MB, "
+        f"MFU {ours['mfu']:.1%} vs {trl['mfu']:.1%}"
     )
 
 
