@@ -593,7 +593,9 @@ def _train_rows(n: int = 4) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
 def test_resuming_a_training_state_of_a_different_model_is_refused(tmp_path: Path, tiny: Path) -> None:
     from pipeline.training.run import state_dir_for, train_bvpo
 
-    config = TrainConfig(max_steps=2, batch_size=2, bf16=False, checkpoint_every=1, max_length=96)
+    config = TrainConfig(
+        max_steps=2, batch_size=2, bf16=False, checkpoint_every=1, max_length=96, keep_state=True
+    )  # keep_state: a successful run removes its states otherwise
     output = tmp_path / "checkpoints" / "run"
     first = train_bvpo(str(tiny), *_train_rows(), config, output)
     assert len(first.metrics) == 2
@@ -619,7 +621,9 @@ def test_resuming_a_training_state_of_a_different_model_is_refused(tmp_path: Pat
 def test_a_corrupt_training_state_is_named(tmp_path: Path, tiny: Path) -> None:
     from pipeline.training.run import state_dir_for, train_bvpo
 
-    config = TrainConfig(max_steps=1, batch_size=2, bf16=False, checkpoint_every=1, max_length=96)
+    config = TrainConfig(
+        max_steps=1, batch_size=2, bf16=False, checkpoint_every=1, max_length=96, keep_state=True
+    )
     output = tmp_path / "run"
     train_bvpo(str(tiny), *_train_rows(), config, output)
     (state,) = state_dir_for(output).iterdir()
