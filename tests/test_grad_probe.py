@@ -713,21 +713,15 @@ def test_train_flow_registers_grad_stats_and_publishes_its_plot(tiny_run: Any, t
 # -- the embedded SmolLM2-135M (e2e) ----------------------------------------------------------------------
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> None:
-    """The default probe (LM head, D = 4096 Kronecker sketch) on SmolLM2-135M, on token-exact rows sampled at
-    temperature 0.8 / top-p 0.95: finite values, effective sample sizes in [1, M], and an α̂* that does not
-    hinge on the projection (two projection seeds agree within 0.1, same four prompts)."""
-    from pipeline.model_assets import embedded_checkpoint
+def _embedded_rows(tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Token-exact generations (4 per prompt and mode, temperature 0.8 / top-p 0.95, odd traces closed by the
+    model, even ones by the budget) of four chat prompts, and a pair per prompt and mode."""
     from pipeline.training.encoding import encode_text
-    from pipeline.training.grad_probe import build_probe
-    from pipeline.training.modeling import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(str(embedded_checkpoint()), False)
     rng = random.Random(0)
     questions = ["What is 7 + 5?", "Name a primary color.", "What is 9 times 3?", "Greet me in lowercase."]
-    gens, pairs = [], []
+    gens: list[dict[str, Any]] = []
+    pairs: dict[str, list[dict[str, Any]]] = {"trace": [], "empty": []}
     for i, question in enumerate(questions):
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
@@ -752,11 +746,33 @@ def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> No
                      "response_segments": [*segments, 4], "eos_emitted": True, "temperature": 0.8,
                      "top_p": 0.95}
                 )  # fmt: skip
-        pairs.append(_pair(f"q{i}"))
+            best, worst = gens[-4], gens[-3]
+            pairs[mode].append(
+                {"pair_id": f"q{i}-{mode}", "prompt_id": f"q{i}",
+                 "prompt_token_ids": best["prompt_token_ids"], "chosen_token_ids": best["response_token_ids"],
+                 "rejected_token_ids": worst["response_token_ids"],
+                 "chosen_generation_id": best["generation_id"],
+                 "rejected_generation_id": worst["generation_id"]}
+            )  # fmt: skip
+    return gens, pairs
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> None:
+    """The default probe (LM head, D = 4096 Kronecker sketch) on SmolLM2-135M, on token-exact rows sampled at
+    temperature 0.8 / top-p 0.95: finite values, effective sample sizes in [1, M], and an α̂* that does not
+    hinge on the projection (two projection seeds agree within 0.1, same four prompts)."""
+    from pipeline.model_assets import embedded_checkpoint
+    from pipeline.training.grad_probe import build_probe
+    from pipeline.training.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(embedded_checkpoint()), False)
+    gens, pairs = _embedded_rows(tokenizer)
     rows = []
     for seed in (0, 1):
         config = TrainConfig(alpha=0.5, probe=ProbeConfig(seed=seed, bootstrap=200))
-        probe = build_probe(model, tokenizer, pairs, gens, config)
+        probe = build_probe(model, tokenizer, pairs["trace"], gens, config)
         rows.append(probe.analyze(model, alpha=0.5))
     for row in rows:
         assert row["params"] == "head" and row["dim"] == 4096 and row["n_prompts"] == 4
@@ -766,3 +782,62 @@ def test_embedded_model_variance_table_is_stable_across_projection_seeds() -> No
         assert all(1.0 - 1e-9 <= e <= 4.0 + 1e-9 for e in row["ess_posterior"])
         assert row["ci_low"] <= row["alpha_hat"] <= row["ci_high"]
     assert abs(rows[0]["alpha_hat"] - rows[1]["alpha_hat"]) < 0.1
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_embedded_model_alpha_auto_resumes_exactly_and_reports_alpha_hat_with_ess(tmp_path: Path) -> None:
+    """``alpha: auto`` on SmolLM2-135M: the probe sets α at steps 0 and 2; a run stopped after step 1 and
+    resumed reproduces α, the losses and the probe rows; the report's probe table shows α̂* with its interval
+    and the minimum ESS."""
+    from types import SimpleNamespace
+
+    from pipeline.model_assets import embedded_checkpoint
+    from pipeline.reporting.run_markdown import _probe_lines
+    from pipeline.training.encoding import pair_tokens
+    from pipeline.training.grad_probe import build_probe
+    from pipeline.training.modeling import load_model_and_tokenizer
+    from pipeline.training.sequences import pairs_batch
+    from pipeline.training.trainer import RefPair
+
+    config = _config(
+        batch_size=2, max_steps=4, learning_rate=1e-4, warmup_steps=0, max_length=512,
+        probe=ProbeConfig(every=2, bootstrap=100, ema_decay=0.5),
+    )  # fmt: skip
+
+    def trainer() -> BVPOTrainer:
+        torch.manual_seed(0)
+        model, tokenizer = load_model_and_tokenizer(str(embedded_checkpoint()), False)
+        gens, pairs = _embedded_rows(tokenizer)
+        data = {}
+        for mode, rows in pairs.items():
+            tokens = [pair_tokens(p) for p in rows]
+            with torch.no_grad():
+                logps = sequence_logps(model, pairs_batch(tokens, tokenizer.pad_token_id)).view(2, -1)
+            data[mode] = [RefPair(t, float(c), float(r)) for t, c, r in zip(tokens, *logps, strict=True)]
+        probe = build_probe(model, tokenizer, pairs["trace"], gens, config)
+        return BVPOTrainer(model, data["trace"], data["empty"], config, tokenizer.pad_token_id, probe=probe)
+
+    full = trainer()
+    metrics = full.train()
+    rows = full.probe.rows  # type: ignore[union-attr]
+    assert [r["step"] for r in rows] == [0, 2]
+    assert [m["alpha"] for m in metrics] == [rows[0]["alpha"]] * 2 + [rows[1]["alpha"]] * 2
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # π_θ = π_ref at the first step
+    first = trainer()
+    first.train(state_dir=tmp_path / "state", stop_after=1)
+    first.save_state(tmp_path / "state")
+    resumed = trainer()
+    assert resumed.resume_from(tmp_path / "state") and resumed.step == 1
+    resumed.train()
+    assert [m["alpha"] for m in resumed.metrics] == [m["alpha"] for m in metrics]
+    assert [m["loss"] for m in resumed.metrics] == pytest.approx([m["loss"] for m in metrics], abs=1e-6)
+    assert [r["alpha_hat"] for r in resumed.probe.rows] == pytest.approx(  # type: ignore[union-attr]
+        [r["alpha_hat"] for r in rows], abs=1e-9
+    )
+    text = "\n".join(
+        _probe_lines(SimpleNamespace(grad_stats=SimpleNamespace(name="grad_stats__v1")), rows, None)
+    )
+    last = rows[-1]
+    assert f"**α̂* = {last['alpha_hat']:.3f}** [{last['ci_low']:.3f}, {last['ci_high']:.3f}]" in text
+    assert f"{last['ess_min']:.2f} [{last['low_ess_prompts']}]" in text
