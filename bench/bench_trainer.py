@@ -8,7 +8,8 @@ peak RSS is its own. Needs the bench extra (``pip install -e .[bench]`` for trl)
 tokens/s counts the same thing on both sides: the tokens of the 2B sequences prompt + response (BVPO runs
 each prompt once for its two responses and pads nothing, so it runs fewer positions than it counts). MFU is
 each side's model FLOPs (6·N per position run plus the attention term, pipeline/training/mfu.py) per second
-over this machine's measured matmul peak in the precision used.
+over this machine's measured matmul peak in the precision used. Tokens per CPU-second (process CPU time,
+all threads) is printed next to wall-clock tokens/s: on a machine shared with other work it moves much less.
 
     .venv/bin/python bench/bench_trainer.py --steps 6 --pairs-per-step 4 [--bf16]
 """
@@ -94,14 +95,16 @@ def run_bvpo(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     trainer = BVPOTrainer(model, data, data, config, pad_id=tokenizer.pad_token_id)
     trainer.train_step()  # warm-up, not timed (it also measures the matmul peak for the MFU)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows = [trainer.train_step() for _ in range(args.steps)]
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(r["tokens"] for r in rows)
     return {
         "impl": "bvpo",
         "s_per_step": elapsed / args.steps,
+        "cpu_s_per_step": cpu / args.steps,
         "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / cpu,
         "positions_per_s": sum(r["forward_tokens"] for r in rows) / elapsed,
         "mfu": sum(r["mfu"] * r["seconds"] for r in rows) / sum(r["seconds"] for r in rows),
     }
@@ -126,10 +129,12 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         ]
     )
     marks: list[float] = []
+    cpu_marks: list[float] = []
 
     class Timer(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, *a: Any, **k: Any) -> None:
             marks.append(time.perf_counter())
+            cpu_marks.append(time.process_time())
 
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
@@ -152,7 +157,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.training.mfu import flop_model, training_peak
 
     steps = len(marks) - 1
-    elapsed = marks[-1] - marks[0]
+    elapsed, cpu = marks[-1] - marks[0], cpu_marks[-1] - cpu_marks[0]
     lengths = [
         len(tokenizer(p["prompt_text"] + r)["input_ids"])
         for p in pairs
@@ -165,7 +170,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "impl": "trl",
         "s_per_step": elapsed / steps,
+        "cpu_s_per_step": cpu / steps,
         "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / cpu,
         "positions_per_s": tokens / elapsed,  # unpadded positions (TRL also runs its padding)
         "mfu": flops / elapsed / training_peak(model, args.bf16),
     }
@@ -198,6 +205,7 @@ def main() -> None:
     print(
         f"{'bf16' if args.bf16 else 'fp32'}: BVPO/TRL steps/s x{trl['s_per_step'] / ours['s_per_step']:.2f}, "
         f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
+        f"tokens per CPU-second x{ours['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}, "
         f"peak RSS {ours['peak_rss_mb']:.0f} MB vs {trl['peak_rss_mb']:.0f} MB, "
         f"MFU {ours['mfu']:.1%} vs {trl['mfu']:.1%}"
     )
