@@ -46,6 +46,13 @@ def test_paired_interval_is_narrower_than_unpaired_when_scores_correlate() -> No
     assert diff.significant and diff.ci_high - diff.ci_low < 1e-9
 
 
+def test_mde_without_any_differing_prompt_assumes_uncorrelated_scores() -> None:
+    same = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}  # variance (ddof 1) 0.25 each
+    diff = paired_bootstrap(same, dict(same), samples=200)
+    assert diff.sd == 0.0 and diff.mean == 0.0
+    assert diff.mde == pytest.approx(2.801585 * math.sqrt(0.5) / 2, abs=1e-5)
+
+
 def test_no_shared_prompt_is_an_error() -> None:
     with pytest.raises(ValueError, match="share no"):
         paired_bootstrap({"a": 1.0}, {"b": 0.0})

@@ -54,7 +54,8 @@ def test_study_rows_pool_seeds_and_compare_paired() -> None:
     assert one["diff_ref"] == pytest.approx(0.1875)
     assert one["seed_sd"] == pytest.approx(0.0883883, abs=1e-6)  # SD of (0.5, 0.375)
     assert zero["diff_ref"] == 0.0 and zero["diff_ref_low"] == 0.0 == zero["diff_ref_high"]
-    assert zero["mde_ref"] == 0.0  # identical to the reference on every prompt
+    # Identical to the reference on every prompt: the MDE falls back to uncorrelated scores, SD √(2 · 3/14).
+    assert zero["mde_ref"] == pytest.approx(2.801585 * (2 * 3 / 14) ** 0.5 / 8**0.5, abs=1e-5)
     # The better baseline is α = 1; α = auto is compared with it, and α = 1 is not compared with itself.
     assert {r["best_baseline"] for r in out.values() if r["alpha"] != "reference"} == {"1"}
     assert one["diff_best"] is None

@@ -32,7 +32,7 @@ class PairedDiff:
     ci_high: float
     n: int  # prompts in both
     sd: float  # SD of the per-prompt differences (ddof = 1; 0 for a single prompt)
-    mde: float  # minimum detectable difference of this eval set at LEVEL / POWER
+    mde: float  # minimum detectable difference of this eval set at LEVEL / POWER (see paired_bootstrap)
 
     @property
     def significant(self) -> bool:
@@ -88,6 +88,10 @@ def paired_bootstrap(
         seed: seed of the resampling.
         level: two-sided confidence level.
 
+    The MDE uses the SD of the per-prompt differences; when no prompt differed at all (SD 0: e.g. a
+    checkpoint that still answers exactly like the reference) it uses the SD of a difference of two
+    uncorrelated scores, ``√(Var a + Var b)``, instead of claiming that any difference would be seen.
+
     Raises:
         ValueError: the two share no prompt.
     """
@@ -99,13 +103,18 @@ def paired_bootstrap(
     means = diffs[rng.integers(0, diffs.size, size=(samples, diffs.size))].mean(axis=1)
     tail = 100 * (1 - level) / 2
     sd = float(diffs.std(ddof=1)) if diffs.size > 1 else 0.0
+    planning_sd = sd
+    if sd == 0.0 and diffs.size > 1:  # no prompt differed: the paired SD says nothing about an alternative
+        a = np.array([arm[p] for p in shared], dtype=float)
+        b = np.array([other[p] for p in shared], dtype=float)
+        planning_sd = float(np.sqrt(a.var(ddof=1) + b.var(ddof=1)))  # uncorrelated scores' difference
     return PairedDiff(
         mean=float(diffs.mean()),
         ci_low=float(np.percentile(means, tail)),
         ci_high=float(np.percentile(means, 100 - tail)),
         n=int(diffs.size),
         sd=sd,
-        mde=minimum_detectable_difference(sd, int(diffs.size), level),
+        mde=minimum_detectable_difference(planning_sd, int(diffs.size), level),
     )
 
 
