@@ -36,9 +36,10 @@ def study(
     ] = 0.5,
     debug: DebugOpt = False,
 ) -> None:
-    """Train arms over an α grid × seeds on one data refresh, evaluate all of them (and the reference) on
-    the same prompts through one engine, and report paired intervals and the minimum detectable
-    difference.
+    """An α study: arms over an α grid × seeds on shared data, evaluated together, with paired intervals.
+
+    One data refresh and reference pass for every arm; the reference and every arm evaluated on the same
+    prompts through one engine; the report gives paired intervals and the minimum detectable difference.
 
     Examples:
       bvpo study --config configs/tiny.yaml --alphas 0,1 --seeds 0,1
