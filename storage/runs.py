@@ -174,6 +174,7 @@ class RunDatasets:
     by_kind: dict[str, list[Entry]]
     rejects: list[Entry]
     grad_stats: Entry | None = None
+    agreement: Entry | None = None  # sampler/trainer log-prob agreement of the run's reference pass
 
     def one(self, kind: str) -> Entry | None:
         found = self.by_kind.get(kind, [])
@@ -210,4 +211,14 @@ def collect_run(view: CatalogView, anchor: Entry) -> RunDatasets:
             if e.kind == "grad_stats" and e.parents == train.parents and e.config == train.config
         ]
         run.grad_stats = probes[-1] if probes else None
+    ref = run.one("ref_logps")
+    if ref is not None:  # registered by the reference pass with its inputs: {"for": "ref_logps", **config}
+        found = [
+            e
+            for e in view.entries
+            if e.kind == "logp_agreement"
+            and e.parents == ref.parents
+            and e.config == {"for": "ref_logps", **ref.config}
+        ]
+        run.agreement = found[-1] if found else None
     return run

@@ -78,6 +78,4 @@ class RunStats:
 
     def agreement(self) -> list[dict[str, Any]]:
         """Agreement rows of the run's reference pass (docs/method.md §Sampler/trainer agreement)."""
-        pairs = self.run.one("pairs_trace")
-        found = self.run.children(pairs, "logp_agreement") if pairs is not None else []
-        return self.rows(found[-1]) if found else []
+        return self.rows(self.run.agreement)
