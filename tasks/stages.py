@@ -227,14 +227,16 @@ def pair_task(
 def reference_logps_task(
     config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef
 ) -> DatasetRef:
+    from pipeline.training.precision import resolve_bf16
     from pipeline.training.reference import compute_reference_logps
 
     store = _store(config)
     train = config.train
+    bf16 = resolve_bf16(train.bf16)  # the precision actually used ('auto' depends on the machine)
     settings = {
         "ref_model": model_identity(config.model),
         "max_length": train.max_length,
-        "bf16": train.bf16,
+        "bf16": bf16,
         "truncation": train.truncation,
         "append_eos": train.append_eos,
     }
@@ -246,7 +248,7 @@ def reference_logps_task(
             {"trace": store.read_rows(pairs_trace), "empty": store.read_rows(pairs_empty)},
             model_label=model_identity(config.model),
             max_length=train.max_length,
-            bf16=train.bf16,
+            bf16=bf16,
             truncation=train.truncation,
             append_eos=train.append_eos,
             generations=_sampled_generations(store, pairs_trace),
