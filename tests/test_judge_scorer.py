@@ -31,6 +31,7 @@ from pipeline.scoring.judge import (
 )
 from pipeline.scoring.openai_chat import ChatEndpointError, OpenAIChatClient, api_key_from_env
 from pipeline.scoring.stage import score_generations
+from tests.generation_fakes import WordTokenizer
 
 PARSED = [
     ("The answer is correct and concise.\nRating: [[7]]", 7.0),
@@ -121,17 +122,18 @@ class FakeEngine:
 
     @property
     def tokenizer(self) -> Any:
-        class Template:
+        class Template(WordTokenizer):
             def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
                 assert kwargs == {"tokenize": False, "add_generation_prompt": True}
                 return "|".join(f"{m['role']}:{m['content'][:12]}" for m in messages) + "|assistant:"
 
         return Template()
 
-    def complete(self, prompts: list[str], specs: list[SamplingSpec]) -> list[list[Completion]]:
-        self.seen.append((prompts, specs))
+    def complete(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Completion]]:
+        self.seen.append(([self.tokenizer.decode(p) for p in prompts], specs))
         return [
-            [Completion(text=t, token_count=3, finish_reason="stop", stop_reason=None)] for t in self.texts
+            [Completion(text=t, token_ids=(1, 2, 3), finish_reason="stop", stop_reason=None)]
+            for t in self.texts
         ]
 
 

@@ -186,7 +186,13 @@ class EngineChatClient:
         )
 
     def chat(self, conversations: Sequence[list[Message]]) -> list[str]:
-        prompts = [self.render(list(c)) for c in conversations]
+        tokenizer = self.engine.tokenizer
+        # Engines take token ids: the rendered text tokenized with no special tokens added (its template's
+        # own, if any, are in the text), as generation does (docs/method.md §Token-exact sequences).
+        prompts = [
+            list(tokenizer(self.render(list(c)), add_special_tokens=False)["input_ids"])
+            for c in conversations
+        ]
         outputs = self.engine.complete(prompts, [self.spec] * len(prompts))
         return [out[0].text if out else "" for out in outputs]
 

@@ -119,7 +119,7 @@ def _ratio_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example ``⟨g_e − Ĝ, g_e − g_t⟩`` and ``‖g_t − g_e‖²`` averaged over traces: ``[N]`` each.
 
-    These are the sample versions of the numerator and denominator of α* (DESIGN.md §1).
+    These are the sample versions of the numerator and denominator of α* (docs/method.md §MSE-optimal α).
     """
     diff = g_e.unsqueeze(1) - g_t  # [N, K, D]
     numerator = ((g_e.unsqueeze(1) - _per_trace(g_hat, g_t.shape[1])) * diff).sum(-1).mean(1)
@@ -135,7 +135,7 @@ def trace_variance(grads: torch.Tensor) -> float:
 
 
 def alpha_from_terms(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
-    """``clip(mean numerator / mean denominator, 0, 1)``: α* of DESIGN.md §1 from per-example terms."""
+    """``clip(mean numerator / mean denominator, 0, 1)``: α* of docs/method.md §MSE-optimal α from per-example terms."""
     den = float(denominator.mean())
     if den <= 0:
         return 1.0  # g_t == g_e: every α gives the same gradient
@@ -147,7 +147,7 @@ def estimate_gradient_stats(
 ) -> GradientStats:
     """α̂* and the bias–variance terms from per-example gradients.
 
-    ``α̂* = clip(E⟨g_e − Ĝ, g_e − g_t⟩ / E‖g_t − g_e‖², 0, 1)`` (DESIGN.md §1, the α* equation), with
+    ``α̂* = clip(E⟨g_e − Ĝ, g_e − g_t⟩ / E‖g_t − g_e‖², 0, 1)`` (docs/method.md §MSE-optimal α), with
     a percentile-bootstrap interval over examples.
 
     Args:
@@ -182,7 +182,7 @@ def estimate_gradient_stats(
 
 
 def mixture_mse(alpha: float, g_t: torch.Tensor, g_e: torch.Tensor, g: torch.Tensor) -> float:
-    """Empirical ``MSE(α) = E‖α g_t + (1−α) g_e − G‖²`` (DESIGN.md §1).
+    """Empirical ``MSE(α) = E‖α g_t + (1−α) g_e − G‖²`` (docs/method.md §MSE-optimal α).
 
     g_t ``[N, K, D]``, g_e ``[N, D]``, G ``[N, D]`` or ``[N, K, D]`` (per trace sample).
     """
