@@ -85,7 +85,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         return "let me think" if payload.get("stop") else f"The answer is {next(self.answers) % 3 + 1}."
 
     def do_GET(self) -> None:
-        self._send(200, {"data": [{"id": "fake-model"}]})
+        # A served folder named like the tiny model (the served-model check compares the last component).
+        self._send(200, {"data": [{"id": "fake-model", "root": "/srv/model"}]})
 
     def do_POST(self) -> None:
         auth = self.headers.get("Authorization", "")
@@ -96,11 +97,16 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         elif self.path.endswith("/chat/completions"):
             self._send(200, {"choices": [{"index": 0, "message": {"content": "Fine. Rating: [[7]]"}}]})
         else:
-            choices = [
-                {"index": i, "text": self._text(payload), "finish_reason": "stop"}
-                for i in range(payload["n"])
-            ]
-            self._send(200, {"choices": choices})
+            self._send(200, {"choices": [self._choice(payload, i) for i in range(payload["n"])]})
+
+    def _choice(self, payload: dict[str, Any], index: int) -> dict[str, Any]:
+        """A vLLM-like choice in the tiny model's ids (a trace closes itself; an answer ends with EOS)."""
+        from tests.tiny_checkpoint import EOS_ID, char_ids
+
+        stop = (payload.get("stop") or [None])[0]
+        text = self._text(payload) + ("\n" + stop if stop else "")
+        ids = char_ids(text) + ([] if stop else [EOS_ID])
+        return {"index": index, "text": text, "finish_reason": "stop", "stop_reason": stop, "token_ids": ids}
 
 
 @pytest.fixture
