@@ -84,6 +84,13 @@ def check_chat_template(tokenizer: Any, reasoning: ReasoningConfig, model: str) 
     fmt = TraceFormat(reasoning)
     _check_single_bos(tokenizer, fmt, model)
     if reasoning.control != "native":
+        rendered = fmt.render_prompt(tokenizer, "bvpo template probe", "trace")
+        if rendered.rstrip().endswith(reasoning.open_tag):
+            raise TraceFormatError(
+                f"the chat template of {model} already opens the trace: its generation prompt ends with "
+                f"{reasoning.open_tag!r}, so reasoning.control 'prefill' would write the tag twice; use a "
+                "template revision without it (or one that takes enable_thinking, with control 'native')"
+            )
         return
     probe = "bvpo template probe"
     on = fmt.render_prompt(tokenizer, probe, "trace")

@@ -217,3 +217,14 @@ def test_char_ids_match_the_tiny_tokenizer(tiny: Path) -> None:
     text = "<|user|>What is 2?\n<|assistant|><think>\n"
     assert char_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.eos_token_id == EOS_ID
+
+
+def test_a_template_that_already_opens_the_trace_is_refused_under_prefill(tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.preflight import TraceFormatError, check_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|assistant|>", "<|assistant|><think>\n")
+    with pytest.raises(TraceFormatError, match="already opens the trace"):
+        check_chat_template(tokenizer, ReasoningConfig(), "tiny")
