@@ -39,6 +39,9 @@ def run(
         fail(exc, debug)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Without PREFECT_API_URL, Prefect starts a temporary server and gives it 20 s by default: on a busy
+    # 2-core machine it can need more (seen: "Timed out while attempting to connect").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pipeline import bvpo_pipeline
 
     try:
