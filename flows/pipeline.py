@@ -32,6 +32,7 @@ from flows.artifacts import (
 )
 from pipeline.config import ALPHA_BASELINES, PipelineConfig
 from storage import CatalogError, DatasetRef, DatasetStore
+from tasks.interop import import_pairs_task, publish_evaluation_task, publish_training_task
 from tasks.stages import (
     EvalModel,
     TrainOutput,
@@ -51,8 +52,8 @@ from tasks.stages import (
 
 class DataRefreshOutput(BaseModel):
     prompts: DatasetRef
-    generations: DatasetRef
-    scores: DatasetRef
+    generations: DatasetRef | None = None  # None: the pairs were imported (pairs.*), not sampled here
+    scores: DatasetRef | None = None
     pairs_trace: DatasetRef
     pairs_empty: DatasetRef
     ref_logps: DatasetRef
@@ -74,7 +75,11 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
 
     Args:
         config: The pipeline configuration (workspace, model, prompts, generation, scoring, pairing, ...).
+            With pairs.source (or pairs.trace_source / pairs.empty_source) the pairs are imported instead
+            of generated, scored and paired; the prompts are then only the evaluation's.
     """
+    if config.pairs.sources:
+        return _imported_refresh(config)
     prompts = prompts_task(config)
     generations = generate_task(config, prompts)
     scores = score_task(config, prompts, generations)
@@ -93,6 +98,23 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
     datasets_artifact(refs, "data-refresh-datasets", new)
     create_markdown_artifact(key="data-refresh-summary", markdown=refresh_markdown(out, new))
     print(f"data_refresh: {len(new)} dataset(s) registered, {len(refs) - len(new)} reused")
+    return out
+
+
+def _imported_refresh(config: PipelineConfig) -> DataRefreshOutput:
+    """Imported pairs (validated row by row), then the reference log-probs, as for sampled pairs."""
+    pairs_trace, pairs_empty = import_pairs_task(config)
+    prompts = prompts_task(config)
+    ref_logps = reference_logps_task(config, pairs_trace, pairs_empty)
+    out = DataRefreshOutput(
+        prompts=prompts, pairs_trace=pairs_trace, pairs_empty=pairs_empty, ref_logps=ref_logps
+    )
+    refs = [prompts, pairs_trace, pairs_empty, ref_logps]
+    new = registered_here(config, refs)
+    datasets_artifact(refs, "data-refresh-datasets", new)
+    create_markdown_artifact(key="data-refresh-summary", markdown=refresh_markdown(out, new))
+    sources = ", ".join(location for location, _ in config.pairs.sources)
+    print(f"data_refresh: pairs imported from {sources} (not sampled here)")
     return out
 
 
@@ -116,6 +138,7 @@ def train_bvpo(
     if out.grad_stats is not None:  # the gradient probe ran (alpha: auto or train.probe.enabled)
         plot = grad_stats_plot_task(config, out.grad_stats, out.metrics)
         grad_stats_artifacts(config, out.grad_stats, plot)
+    publish_training_task(config, out.metrics, out.checkpoint, out.grad_stats)  # model card, trackers
     return out
 
 
@@ -153,6 +176,8 @@ def evaluate(
     results = evaluate_task(config, prompts, target.checkpoint, parent, others)
     report_md, chart = eval_report_task(config, results)
     eval_artifacts(target.checkpoint, parent, read_rows(config, results), report_md, chart)
+    trained = [("trained", target.checkpoint, target.train_metrics)] if target.train_metrics else []
+    publish_evaluation_task(config, results, trained + [(b.label, b.checkpoint, b.parent) for b in others])
     return results
 
 
