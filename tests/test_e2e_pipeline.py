@@ -109,9 +109,15 @@ def test_reference_bvpo_and_both_baselines_are_compared_with_intervals(tiny_run)
     rows = store.read_rows(out.eval_results)
     bounded = {"score", "win_rate_vs_reference", "lc_win_rate_vs_reference"}
     for row in rows:
-        assert row["ci_low"] <= row["ci_high"] and row["n"] > 0, row
+        assert row["n"] > 0, row
+        if row["metric"] == "mde_vs_reference":  # a detectable difference: no interval of its own
+            assert 0.0 <= row["value"] <= 2.0, row
+            continue
+        assert row["ci_low"] <= row["ci_high"], row
         if row["metric"] in bounded:
             assert all(0.0 <= row[k] <= 1.0 for k in ("value", "ci_low", "ci_high")), row
+        elif row["metric"] == "score_diff_vs_reference":  # paired difference of two scores in [0, 1]
+            assert all(-1.0 <= row[k] <= 1.0 for k in ("value", "ci_low", "ci_high")), row
         else:
             assert row["value"] >= 0.0 and row["ci_low"] >= 0.0, row
     win_rates = {(r["model_label"], r["mode"]) for r in rows if r["metric"] == "win_rate_vs_reference"}

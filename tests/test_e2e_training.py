@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.model_assets import embedded_checkpoint
+from pipeline.training.encoding import encode_text
 from pipeline.training.reference import compute_reference_logps
 from pipeline.training.run import train_bvpo
 
@@ -19,23 +22,34 @@ QUESTIONS = [
 ]
 
 
-def _pairs(mode: str) -> list[dict[str, str]]:
+def _pairs(mode: str, tokenizer: Any) -> list[dict[str, Any]]:
+    """Hand-written pairs, tokenized once by the encoding module (as imported pairs are), ending with EOS."""
     block = "<think>\nLet me check.\n</think>\n\n" if mode == "trace" else "<think>\n\n</think>\n\n"
-    return [
-        {
-            "pair_id": f"q{i}-{mode}",
-            "prompt_text": f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
-            "chosen_response": block + good,
-            "rejected_response": block + bad,
-        }
-        for i, (q, good, bad) in enumerate(QUESTIONS)
-    ]
+    eos = [tokenizer.eos_token_id]
+    rows = []
+    for i, (q, good, bad) in enumerate(QUESTIONS):
+        prompt = f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+        rows.append(
+            {
+                "pair_id": f"q{i}-{mode}",
+                "prompt_text": prompt,
+                "chosen_response": block + good,
+                "rejected_response": block + bad,
+                "prompt_token_ids": encode_text(tokenizer, prompt),
+                "chosen_token_ids": encode_text(tokenizer, block + good) + eos,
+                "rejected_token_ids": encode_text(tokenizer, block + bad) + eos,
+            }
+        )
+    return rows
 
 
 def test_training_lowers_loss_and_raises_reward_accuracy_on_both_modes(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
     model = str(embedded_checkpoint())
-    pairs = {"trace": _pairs("trace"), "empty": _pairs("empty")}
-    refs = compute_reference_logps(model, pairs, model_label="embedded", max_length=128, bf16=False)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    pairs = {"trace": _pairs("trace", tokenizer), "empty": _pairs("empty", tokenizer)}
+    refs = compute_reference_logps(model, pairs, model_label="embedded", max_length=128, bf16=False).rows
     config = TrainConfig(
         alpha=0.5, batch_size=4, max_steps=8, learning_rate=5e-5, bf16=False, warmup_steps=0, seed=0,
         checkpoint_every=0,
