@@ -135,7 +135,7 @@ def trace_variance(grads: torch.Tensor) -> float:
 
 
 def alpha_from_terms(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
-    """``clip(mean numerator / mean denominator, 0, 1)`` from per-example terms (docs/method.md §MSE-optimal α)."""
+    """``clip(mean numerator / mean denominator, 0, 1)`` (docs/method.md §MSE-optimal α)."""
     den = float(denominator.mean())
     if den <= 0:
         return 1.0  # g_t == g_e: every α gives the same gradient

@@ -1,6 +1,6 @@
 """The BVPO training loop (docs/method.md §The BVPO mixture): every optimizer step draws a D_t batch and a
-D_e batch and minimizes ``L = α·L_t + (1−α)·L_e``. With α = 1 the empty-trace forward pass is skipped, with α = 0 the
-trace one.
+D_e batch and minimizes ``L = α·L_t + (1−α)·L_e``. With α = 1 the empty-trace forward pass is skipped, with
+α = 0 the trace one.
 
 Single process or ``torch.distributed`` (DDP, gloo on CPU / nccl on GPU): every rank draws the same global
 batch and keeps its slice, so N ranks take the same steps as one process with the same global batch.
