@@ -6,6 +6,7 @@ Command modules (``flows/cli/*.py``) import :data:`app` and register their comma
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,6 +76,14 @@ typer_rich_utils.rich_format_error = _one_line_usage_error  # type: ignore[assig
 def pipeline_config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
     """Defaults, then ``--config FILE``, then ``--set`` overrides."""
     return load_config(config, overrides or [])
+
+
+def prepare_flow_process() -> None:
+    """Environment defaults for a command that runs flows in this process (the user's own values win)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Without PREFECT_API_URL, Prefect starts a temporary server and gives it 20 s by default: on a busy
+    # 2-core machine it can need more (seen: "Timed out while attempting to connect").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,7 +9,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flows.cli.app import ConfigOpt, DebugOpt, SetOpt, app, console, err, error_line, fail, pipeline_config
+from flows.cli.app import (
+    ConfigOpt,
+    DebugOpt,
+    SetOpt,
+    app,
+    console,
+    err,
+    error_line,
+    fail,
+    pipeline_config,
+    prepare_flow_process,
+)
 from pipeline.config import PipelineConfig
 
 
@@ -38,10 +48,7 @@ def run(
     except Exception as exc:
         fail(exc, debug)
         return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Without PREFECT_API_URL, Prefect starts a temporary server and gives it 20 s by default: on a busy
-    # 2-core machine it can need more (seen: "Timed out while attempting to connect").
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    prepare_flow_process()
     from flows.pipeline import bvpo_pipeline
 
     try:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
 
-from flows.cli.app import ConfigOpt, DebugOpt, SetOpt, app, console, fail, pipeline_config, print_rows
+from flows.cli.app import (
+    ConfigOpt,
+    DebugOpt,
+    SetOpt,
+    app,
+    console,
+    fail,
+    pipeline_config,
+    prepare_flow_process,
+    print_rows,
+)
 
 _COLUMNS = ("alpha", "mode", "seeds", "n", "score", "diff_ref", "diff_best", "seed_sd", "mde_ref")
 
@@ -52,10 +61,7 @@ def study(
     except Exception as exc:
         fail(exc, debug)
         return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Without PREFECT_API_URL, Prefect starts a temporary server and gives it 20 s by default: on a busy
-    # 2-core machine it can need more (seen: "Timed out while attempting to connect").
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    prepare_flow_process()
     from flows.study import study as study_flow
     from storage import DatasetStore
 
