@@ -26,6 +26,7 @@ from prefect.flows import EntrypointType
 from prefect.schedules import Cron
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from flows.incremental import NEW_PAIRS_EVENT
 from flows.pipeline import bvpo_pipeline, data_refresh, evaluate, train_bvpo
 from flows.study import study
 from pipeline.config import PipelineConfig
@@ -66,6 +67,12 @@ class ServeOptions(BaseModel):
         "Crashed (None: off).",
     )
     limit: int | None = Field(None, ge=1, description="Flow runs this process executes at once (None: any).")
+    train_min_new_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="Train when a data-refresh run registered at least this many new pairs per mode "
+        "(sets refresh.train_min_new_pairs of the deployments' config; None: the config's value).",
+    )
 
     @field_validator("refresh_cron")
     @classmethod
@@ -110,6 +117,30 @@ def eval_after_train_trigger() -> DeploymentEventTrigger:
     )
 
 
+def train_after_refresh_trigger() -> DeploymentEventTrigger:
+    """Trigger of the ``train-bvpo`` deployment: a data-refresh run announced enough new pairs.
+
+    The refresh itself decides (``refresh.train_min_new_pairs``, flows/incremental.py) and emits the event
+    only from a deployment's own run, so the data_refresh subflow of a training never starts another one.
+    The training gets the refresh's config; its own data_refresh subflow reuses every dataset.
+    """
+    return DeploymentEventTrigger(
+        name="train after data-refresh",
+        description="Train after a data-refresh run with enough new pairs (refresh.train_min_new_pairs).",
+        expect={NEW_PAIRS_EVENT},
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Reactive,
+        threshold=1,
+        parameters={
+            "config": {
+                "__prefect_kind": "json",
+                "value": {"__prefect_kind": "jinja", "template": "{{ flow_run.parameters.config | tojson }}"},
+            },
+        },
+    )
+
+
 def crashed_run_automation(heartbeat_seconds: int) -> AutomationCore:
     """Mark a flow run of this project Crashed when its process stops sending heartbeats.
 
@@ -150,6 +181,9 @@ def crashed_run_automation(heartbeat_seconds: int) -> AutomationCore:
 def build_deployments(config: PipelineConfig, options: ServeOptions) -> list[RunnerDeployment]:
     """The five deployments (four flows and the α study), with ``config`` as their forms' defaults."""
     config = config.model_copy(update={"workspace": config.workspace.resolve()})
+    if options.train_min_new_pairs is not None:
+        refresh = config.refresh.model_copy(update={"train_min_new_pairs": options.train_min_new_pairs})
+        config = config.model_copy(update={"refresh": refresh})
     params: dict[str, Any] = {"config": config.model_dump(mode="json")}
     common: dict[str, Any] = {
         "parameters": params,
@@ -158,6 +192,7 @@ def build_deployments(config: PipelineConfig, options: ServeOptions) -> list[Run
     }
     schedules = [Cron(options.refresh_cron, timezone=options.timezone)] if options.refresh_cron else []
     triggers = [eval_after_train_trigger()] if options.eval_after_train else []
+    train_triggers = [train_after_refresh_trigger()] if config.refresh.train_min_new_pairs else []
     return [
         data_refresh.to_deployment(
             DATA_REFRESH,
@@ -166,7 +201,11 @@ def build_deployments(config: PipelineConfig, options: ServeOptions) -> list[Run
             **common,
         ),
         train_bvpo.to_deployment(
-            TRAIN, description="BVPO training; resolves its datasets through data_refresh.", **common
+            TRAIN,
+            triggers=train_triggers,
+            description="BVPO training; resolves its datasets through data_refresh. Runs after a refresh "
+            "with enough new pairs (refresh.train_min_new_pairs).",
+            **common,
         ),
         evaluate.to_deployment(
             EVALUATE,

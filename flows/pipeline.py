@@ -33,6 +33,7 @@ from flows.artifacts import (
 from pipeline.config import ALPHA_BASELINES, PipelineConfig
 from storage import CatalogError, DatasetRef, DatasetStore
 from tasks.interop import import_pairs_task, publish_evaluation_task, publish_training_task
+from tasks.policy import pin_policy
 from tasks.stages import (
     EvalModel,
     TrainOutput,
@@ -57,6 +58,7 @@ class DataRefreshOutput(BaseModel):
     pairs_trace: DatasetRef
     pairs_empty: DatasetRef
     ref_logps: DatasetRef
+    new_pairs: dict[str, int] = {}  # pairs per mode this refresh added to D_t / D_e (0: all reused)
 
 
 class PipelineOutput(BaseModel):
@@ -78,8 +80,16 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
             With pairs.source (or pairs.trace_source / pairs.empty_source) the pairs are imported instead
             of generated, scored and paired; the prompts are then only the evaluation's.
     """
+    from flows.incremental import announce_new_pairs, incremental_refresh
+
+    config = pin_policy(config)  # generation.policy: latest → the checkpoint, for every stage of the run
     if config.pairs.sources:
         return _imported_refresh(config)
+    if config.refresh.incremental:
+        out = incremental_refresh(config)
+        _refresh_artifacts(config, out)
+        announce_new_pairs(config, out.new_pairs)
+        return out
     prompts = prompts_task(config)
     generations = generate_task(config, prompts)
     scores = score_task(config, prompts, generations)
@@ -93,12 +103,24 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
         pairs_empty=pairs_empty,
         ref_logps=ref_logps,
     )
-    refs = [prompts, generations, scores, pairs_trace, pairs_empty, ref_logps]
+    new = _refresh_artifacts(config, out)
+    out.new_pairs = {
+        mode: ref.row_count if ref.name in new else 0
+        for mode, ref in (("trace", pairs_trace), ("empty", pairs_empty))
+    }
+    announce_new_pairs(config, out.new_pairs)
+    return out
+
+
+def _refresh_artifacts(config: PipelineConfig, out: DataRefreshOutput) -> set[str]:
+    """The datasets table and summary of a refresh; returns the names of those it registered."""
+    refs = [out.prompts, out.generations, out.scores, out.pairs_trace, out.pairs_empty, out.ref_logps]
+    refs = [ref for ref in refs if ref is not None]
     new = registered_here(config, refs)
     datasets_artifact(refs, "data-refresh-datasets", new)
     create_markdown_artifact(key="data-refresh-summary", markdown=refresh_markdown(out, new))
     print(f"data_refresh: {len(new)} dataset(s) registered, {len(refs) - len(new)} reused")
-    return out
+    return new
 
 
 def _imported_refresh(config: PipelineConfig) -> DataRefreshOutput:
@@ -130,6 +152,7 @@ def train_bvpo(
         data: The datasets to train on. Leave empty (the usual case from the UI): a data_refresh subflow
             resolves them, reusing every dataset the catalog already holds for this config.
     """
+    config = pin_policy(config)  # the data refresh and training use the same checkpoint
     if data is None:
         data = data_refresh(config)
     out = train_task(config, data.pairs_trace, data.pairs_empty, data.ref_logps)
@@ -189,6 +212,7 @@ def bvpo_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineOutput: 
         config: The pipeline configuration.
     """
     logger = get_run_logger()
+    config = pin_policy(config)
     data = data_refresh(config)
     train = train_bvpo(config, data)
     baselines = {

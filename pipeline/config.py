@@ -127,6 +127,21 @@ class GenerationConfig(_Section):
         "'processed' (of the distribution actually sampled from; stored as sampler_processed_logprobs, "
         "and then no agreement check runs). vLLM gives one or the other per engine.",
     )
+    policy: str = Field(
+        "base",
+        description="The model responses are sampled from, and training starts from (on-policy rounds): "
+        "'base' (model.name_or_path), 'latest' (the newest checkpoint trained in the workspace; an error "
+        "if there is none yet) or a checkpoint directory. The round number and the sampling checkpoint "
+        "are recorded in the datasets' configs (bvpo lineage, SQL on datasets.config).",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_given(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("generation.policy must be 'base', 'latest' or a checkpoint directory")
+        return value
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the samples (not where or how fast they are fetched).
@@ -134,7 +149,8 @@ class GenerationConfig(_Section):
         ``token_format`` is the version of the stored token layout: datasets sampled by an older version
         (text only, no token ids) are not reused.
         """
-        operational = {"base_url", "api_key_env", "concurrency", "request_timeout_s", "max_retries"}
+        # ``policy`` is left out: the sampling model it resolves to is in the generation settings.
+        operational = {"base_url", "api_key_env", "concurrency", "request_timeout_s", "max_retries", "policy"}
         return self.model_dump(mode="json", exclude=operational) | {"token_format": TOKEN_FORMAT_VERSION}
 
 
@@ -451,6 +467,12 @@ class TrainConfig(_Section):
         default_factory=ProbeConfig, description="Gradient-statistics probe (α̂*, trace-induced variance)."
     )
     seed: int = 0
+    reference: Literal["policy", "base"] = Field(
+        "policy",
+        description="Reference model of the DPO terms when generation.policy samples from a checkpoint: "
+        "'policy' (that checkpoint, as iterative DPO does) or 'base' (model.name_or_path). With policy "
+        "'base' both are the base model. Recorded through the reference log-probs' settings.",
+    )
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers that get the train_metrics rows, α, α̂* and the eval table: "
@@ -537,6 +559,30 @@ class PairsConfig(_Section):
         return [(location, mode) for location, mode in given if location]
 
 
+class RefreshConfig(_Section):
+    """Recurring data refreshes: incremental prompts and the refresh → train automation."""
+
+    incremental: bool = Field(
+        False,
+        description="Register only prompts not seen before (by content id) as a new prompts version with "
+        "lineage to the previous one; generate, score and pair only those, and register D_t, D_e and "
+        "their reference log-probs as the union of the previous versions and the new pairs. A source "
+        "that lost rows or changed a prompt's text at the same place is refused.",
+    )
+    lock_timeout_s: float = Field(
+        3600.0,
+        ge=0.0,
+        description="An incremental refresh waits this long for another one running in the same "
+        "workspace to finish (then it finds the other's datasets and reuses them); longer: an error.",
+    )
+    train_min_new_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="Start a train-bvpo run (under bvpo serve) when a data-refresh deployment run "
+        "registered at least this many new pairs in each mode training uses. None: never.",
+    )
+
+
 class PipelineConfig(_Section):
     """The whole run: data refresh, training and evaluation."""
 
@@ -547,6 +593,7 @@ class PipelineConfig(_Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -252,6 +252,25 @@ class Catalog:
         walk(ref, 0)
         return out
 
+    def find_latest(
+        self, kind: str, config: dict[str, str] | None = None, parent: str | None = None
+    ) -> DatasetRef | None:
+        """The most recently registered ``kind`` whose config has these top-level string values and whose
+        parents include ``parent`` (``kind:version``), if any."""
+        where, params = ["kind = ?", "status = 'complete'"], [kind]
+        for key, value in (config or {}).items():
+            where.append("json_extract_string(config, ?) = ?")
+            params += [f"$.{key}", value]
+        if parent is not None:
+            where.append("list_contains(parents, ?)")
+            params.append(parent)
+        rows = self._query(
+            f"SELECT {_REF_COLUMNS} FROM datasets WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, number DESC LIMIT 1",
+            params,
+        )
+        return _ref(rows[0]) if rows else None
+
     def list_datasets(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}: run `bvpo run` first")

@@ -21,8 +21,9 @@ from pipeline.isolation import isolated, run_isolated
 from pipeline.models import model_identity, resolve_model_path
 from pipeline.reporting.stage_timing import note_engine_start, timed_stage
 from storage import DatasetRef, DatasetStore, schema_for, version_key
-from storage.lineage import generations_for
+from storage.lineage import ancestors_of_kind
 from tasks.orchestration import GPU_TAG, HOUR, TRANSIENT_RETRIES
+from tasks.policy import policy_model, reference_model, round_tag
 
 
 class EvalModel(BaseModel):
@@ -111,11 +112,15 @@ def prompts_task(config: PipelineConfig) -> DatasetRef:
 
 
 def _generation_config(config: PipelineConfig) -> dict[str, Any]:
-    return {"model": model_identity(config.model), "generation": config.generation.fingerprint()}
+    """The sampling model (generation.policy) and the settings that decide the samples (+ the round)."""
+    model = model_identity(policy_model(config))
+    return {"model": model, "generation": config.generation.fingerprint()} | round_tag(config)
 
 
 @task(name="generate", cache_policy=NO_CACHE, tags=[GPU_TAG], timeout_seconds=12 * HOUR, **TRANSIENT_RETRIES)
-def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
+def generate_task(config: PipelineConfig, prompts: DatasetRef, since: DatasetRef | None = None) -> DatasetRef:
+    """Generate for the train split of ``prompts``; with ``since`` (an earlier prompts version), only for
+    the prompts it does not hold (an incremental refresh)."""
     from pipeline.generation.shards import ShardStore
     from pipeline.generation.stage import describe_event, run_generate_stage
     from pipeline.generation.stats import generation_stats
@@ -123,6 +128,9 @@ def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
     store = _store(config)
     logger = get_run_logger()
     settings = _generation_config(config)
+    if since is not None:
+        settings["new_since"] = since.qualified
+    sampler = policy_model(config)
     # Finished shards persist here, keyed by the version they will form: a rerun resumes from them.
     key = version_key("generations", settings, [prompts])
     staging = ShardStore(store.workspace / "staging" / "generations" / key)
@@ -134,16 +142,19 @@ def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
             note_engine_start()
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
-        rows = [r for r in store.read_rows(prompts) if r["split"] == "train"]
+        known = {r["prompt_id"] for r in store.read_rows(since)} if since is not None else set()
+        rows = [r for r in store.read_rows(prompts) if r["split"] == "train" and r["prompt_id"] not in known]
         if not rows:
-            raise ValueError(f"{prompts.name} has no train-split prompts to generate for")
+            new = f" not in {since.name}" if since is not None else ""
+            raise ValueError(f"{prompts.name} has no train-split prompts{new} to generate for")
+        logger.info("generate: %d train prompt(s) of %s%s", len(rows), prompts.name, _since(since))
         result = run_generate_stage(
-            resolve_model_path(config.model),
+            resolve_model_path(sampler),
             rows,
             config.generation,
-            model_label=model_identity(config.model),
+            model_label=model_identity(sampler),
             staging_dir=staging.root,
-            trust_remote_code=config.model.trust_remote_code,
+            trust_remote_code=sampler.trust_remote_code,
             on_event=on_event,
             train_max_length=config.train.max_length,
         )
@@ -167,6 +178,10 @@ def generate_task(config: PipelineConfig, prompts: DatasetRef) -> DatasetRef:
     return ref
 
 
+def _since(since: DatasetRef | None) -> str:
+    return f" (new since {since.name})" if since is not None else ""
+
+
 @task(name="score", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # no timeout: math-verify uses SIGALRM
 def score_task(config: PipelineConfig, prompts: DatasetRef, generations: DatasetRef) -> DatasetRef:
     from pipeline.scoring.stage import score_generations
@@ -179,9 +194,8 @@ def score_task(config: PipelineConfig, prompts: DatasetRef, generations: Dataset
         result = run_isolated(score_generations, store.read_rows(generations), by_id, config.scoring)
         return _table("scores", result.rows), result.rejects
 
-    return _materialize(
-        store, "scores", config.scoring.model_dump(mode="json"), [prompts, generations], compute
-    )
+    settings = config.scoring.model_dump(mode="json") | round_tag(config)
+    return _materialize(store, "scores", settings, [prompts, generations], compute)
 
 
 @task(name="pair", cache_policy=NO_CACHE, timeout_seconds=HOUR, **TRANSIENT_RETRIES)
@@ -192,29 +206,32 @@ def pair_task(
 
     store = _store(config)
     parents = [generations, scores]
-    settings = config.pairing.model_dump(mode="json")
+    settings = config.pairing.model_dump(mode="json") | round_tag(config)
     cached = [store.lookup(kind, settings, parents) for kind in ("pairs_trace", "pairs_empty")]
     if cached[0] is not None and cached[1] is not None:
         return cached[0], cached[1]
     result = build_pairs(store.read(generations), store.read(scores), config.pairing)
+    pairing_stats_artifact(result.stats, settings)
+    trace = _materialize(
+        store, "pairs_trace", settings, parents, lambda: (result.pairs_trace, result.rejects)
+    )
+    empty = _materialize(store, "pairs_empty", settings, parents, lambda: (result.pairs_empty, []))
+    return trace, empty
+
+
+def pairing_stats_artifact(stats: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Log pairs and drops per mode and publish them as the ``pairing-stats`` table artifact."""
     logger = get_run_logger()
-    for row in result.stats:
+    for row in stats:
         dropped = {k.removeprefix("dropped_"): v for k, v in row.items() if k.startswith("dropped_") and v}
         logger.info(
             "pairs %s: %d of %d prompts; dropped %s", row["mode"], row["pairs"], row["prompts"], dropped
         )
     create_table_artifact(
         key="pairing-stats",
-        table=[
-            {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()} for row in result.stats
-        ],
+        table=[{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()} for row in stats],
         description=f"Pairs per mode, drops by reason, unusable answers, margins. Policy: {settings}",
     )
-    trace = _materialize(
-        store, "pairs_trace", settings, parents, lambda: (result.pairs_trace, result.rejects)
-    )
-    empty = _materialize(store, "pairs_empty", settings, parents, lambda: (result.pairs_empty, []))
-    return trace, empty
 
 
 @task(
@@ -225,39 +242,60 @@ def pair_task(
     **TRANSIENT_RETRIES,
 )
 def reference_logps_task(
-    config: PipelineConfig, pairs_trace: DatasetRef, pairs_empty: DatasetRef
+    config: PipelineConfig,
+    pairs_trace: DatasetRef,
+    pairs_empty: DatasetRef,
+    previous: list[DatasetRef] | None = None,
 ) -> DatasetRef:
+    """Reference log-probs of D_t and D_e. ``previous``: the D_t and D_e these grew from (an incremental
+    refresh); when their reference log-probs with the same settings exist, only the new pairs are scored."""
+    from pipeline.pair_union import union_by_key
     from pipeline.training.precision import resolve_bf16
     from pipeline.training.reference import compute_reference_logps
 
     store = _store(config)
     train = config.train
+    reference = reference_model(config)
     bf16 = resolve_bf16(train.bf16)  # the precision actually used ('auto' depends on the machine)
     settings = {
-        "ref_model": model_identity(config.model),
+        "ref_model": model_identity(reference),
         "max_length": train.max_length,
         "bf16": bf16,
         "truncation": train.truncation,
         "append_eos": train.append_eos,
-    }
+    } | round_tag(config)
 
     def compute() -> tuple[pa.Table, list[dict[str, Any]]]:
+        earlier = store.lookup("ref_logps", settings, previous) if previous else None
+        pairs = {"trace": store.read_rows(pairs_trace), "empty": store.read_rows(pairs_empty)}
+        if earlier is not None and previous:
+            done = {r["pair_id"] for ref in previous for r in store.read(ref).select(["pair_id"]).to_pylist()}
+            pairs = {mode: [p for p in rows if p["pair_id"] not in done] for mode, rows in pairs.items()}
+            get_run_logger().info(
+                "reference-logps: %d new pair(s); %s holds the other %d",
+                sum(map(len, pairs.values())),
+                earlier.name,
+                earlier.row_count,
+            )
         result = run_isolated(  # in a child process: the model's memory leaves with it
             compute_reference_logps,
-            resolve_model_path(config.model),
-            {"trace": store.read_rows(pairs_trace), "empty": store.read_rows(pairs_empty)},
-            model_label=model_identity(config.model),
+            resolve_model_path(reference),
+            pairs,
+            model_label=model_identity(reference),
             max_length=train.max_length,
             bf16=bf16,
             truncation=train.truncation,
             append_eos=train.append_eos,
             generations=_sampled_generations(store, pairs_trace),
             sampler_dtype=config.generation.dtype,
-            trust_remote_code=config.model.trust_remote_code,
+            trust_remote_code=reference.trust_remote_code,
         )
         if result.agreement:  # registered before ref_logps (like rejects): a crash leaves no gap
             _register_agreement(config, store, settings, [pairs_trace, pairs_empty], result.agreement)
-        return _table("ref_logps", result.rows), result.rejects
+        table = _table("ref_logps", result.rows)
+        if earlier is not None:
+            table = union_by_key(store.read(earlier), table, "pair_id", "ref_logps")
+        return table, result.rejects
 
     return _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
 
@@ -265,14 +303,17 @@ def reference_logps_task(
 def _sampled_generations(store: DatasetStore, pairs: DatasetRef) -> dict[str, dict[str, Any]] | None:
     """Generation rows by id, when the pairs were sampled here (imported pairs have none)."""
     try:
-        generations = generations_for(store, pairs)
+        found = ancestors_of_kind(store, pairs, "generations")  # one per refresh when grown incrementally
     except ValueError:
         return None
     columns = ["generation_id", "response_segments", "sampler_logprobs"]
-    table = store.read(generations)
-    if "sampler_logprobs" not in table.column_names:
-        return None
-    return {r["generation_id"]: r for r in table.select(columns).to_pylist()}
+    out: dict[str, dict[str, Any]] = {}
+    for generations in found:
+        table = store.read(generations)
+        if "sampler_logprobs" not in table.column_names:
+            return None
+        out.update({r["generation_id"]: r for r in table.select(columns).to_pylist()})
+    return out
 
 
 def _register_agreement(
@@ -315,10 +356,12 @@ def train_task(
     logger = get_run_logger()
     parents = [pairs_trace, pairs_empty, ref_logps]
     trackers = {"report_to", "mlflow_tracking_uri"}  # where metrics are reported is not what is trained
+    # train.reference is recorded by ref_logps (a parent): its settings name the reference model.
+    start = policy_model(config)  # on-policy rounds start from the sampling checkpoint
     settings = {
-        "model": model_identity(config.model),
-        "train": config.train.model_dump(mode="json", exclude=trackers),
-    }
+        "model": model_identity(start),
+        "train": config.train.model_dump(mode="json", exclude=trackers | {"reference"}),
+    } | round_tag(config)
     checkpoint = store.workspace / "checkpoints" / version_key("train_metrics", settings, parents)
     delta: dict[str, float] = {}
     probe = config.train.probe_active  # gradient probe: reads the stored traces, writes grad_stats
@@ -340,15 +383,15 @@ def train_task(
 
         result = run_isolated(  # in a child process: model and optimizer memory leave with it
             train_bvpo,
-            resolve_model_path(config.model),
+            resolve_model_path(start),
             store.read_rows(pairs_trace),
             store.read_rows(pairs_empty),
             store.read_rows(ref_logps),
             config.train,
             checkpoint,
-            trust_remote_code=config.model.trust_remote_code,
+            trust_remote_code=start.trust_remote_code,
             callbacks={"on_step": log_step},
-            generations=store.read_rows(generations_for(store, pairs_trace)) if probe else None,
+            generations=_generation_rows(store, pairs_trace) if probe else None,
         )
         delta["value"] = result.weight_delta_l2
         if probe:  # registered before train_metrics, so train_metrics is never visible without it
@@ -374,6 +417,11 @@ def train_task(
         weight_delta_l2=delta.get("value"),
         grad_stats=grad_stats,
     )
+
+
+def _generation_rows(store: DatasetStore, pairs: DatasetRef) -> list[dict[str, Any]]:
+    """Every generation row behind ``pairs`` (several datasets when it grew incrementally)."""
+    return [row for ref in ancestors_of_kind(store, pairs, "generations") for row in store.read_rows(ref)]
 
 
 @task(name="plot-grad-stats", cache_policy=NO_CACHE, timeout_seconds=600)

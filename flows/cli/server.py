@@ -83,6 +83,13 @@ def serve(
         ),
     ] = 30,
     limit: Annotated[int | None, typer.Option(help="Flow runs executed at once (default: no limit).")] = None,
+    train_after_pairs: Annotated[
+        int | None,
+        typer.Option(
+            help="Start train-bvpo when a data-refresh run registered at least N new pairs per mode "
+            "(refresh.train_min_new_pairs; default: the config's value)."
+        ),
+    ] = None,
     port: Annotated[
         int, typer.Option(help="Port of the local Prefect server started when PREFECT_API_URL is unset.")
     ] = DEFAULT_SERVER_PORT,
@@ -102,6 +109,7 @@ def serve(
         cfg = pipeline_config(config, set_)
         options = _serve_options(cron, timezone, gpu_slots, eval_after_train, heartbeat, limit)
         options.reset_gpu_slots = reset_gpu_slots
+        options.train_min_new_pairs = train_after_pairs
     except Exception as exc:
         fail(exc, debug)
         return
