@@ -116,20 +116,20 @@ def announce_new_pairs(config: PipelineConfig, new_pairs: dict[str, int]) -> boo
     Only a deployment's own run announces: the data_refresh subflow of a train_bvpo run must not start
     another training. Returns whether the event was emitted.
     """
+    from prefect.context import FlowRunContext
     from prefect.events import emit_event
-    from prefect.runtime import flow_run
 
-    if not enough_new_pairs(config, new_pairs) or not flow_run.deployment_id or flow_run.parent_flow_run_id:
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    own_deployment_run = run is not None and run.deployment_id is not None and run.parent_task_run_id is None
+    if run is None or not own_deployment_run or not enough_new_pairs(config, new_pairs):
         return False
     emit_event(
         event=NEW_PAIRS_EVENT,
-        resource={
-            "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
-            "prefect.resource.name": flow_run.name,
-        },
+        resource={"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name},
         related=[
             {
-                "prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
+                "prefect.resource.id": f"prefect.deployment.{run.deployment_id}",
                 "prefect.resource.role": "deployment",
             }
         ],

@@ -369,3 +369,36 @@ def test_a_round_samples_from_the_latest_checkpoint_and_trains_from_it(
     base_ref = pinned.model_copy(update={"train": pinned.train.model_copy(update={"reference": "base"})})
     ref = stages.reference_logps_task.fn(base_ref, data2.pairs_trace, data2.pairs_empty)
     assert store.catalog.parents_of(ref)[1]["ref_model"] == str(tiny)
+
+
+def test_only_a_data_refresh_deployment_run_announces_its_new_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import prefect.context
+    import prefect.events
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: sent.append(event))
+    monkeypatch.setattr(incremental_flow, "get_run_logger", lambda: LOG)
+    config = PipelineConfig.model_validate({"refresh": {"train_min_new_pairs": 2}})
+
+    def announce_in(run: Any, new_pairs: dict[str, int]) -> bool:
+        context = None if run is None else SimpleNamespace(flow_run=run)
+        monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls: context))
+        return incremental_flow.announce_new_pairs(config, new_pairs)
+
+    def run(deployment_id: str | None, parent_task_run_id: str | None = None) -> Any:
+        return SimpleNamespace(
+            id="r1", name="calm-otter", deployment_id=deployment_id, parent_task_run_id=parent_task_run_id
+        )
+
+    enough = {"trace": 2, "empty": 3}
+    assert not announce_in(None, enough)  # outside a flow run
+    assert not announce_in(run(None), enough)  # a plain flow call (bvpo run)
+    assert not announce_in(run("d1", parent_task_run_id="t1"), enough)  # the subflow of train_bvpo
+    assert not announce_in(run("d1"), {"trace": 2, "empty": 1})  # too few in one mode
+    assert not sent
+    assert announce_in(run("d1"), enough)
+    assert [e["event"] for e in sent] == [incremental_flow.NEW_PAIRS_EVENT]
+    assert sent[0]["resource"]["prefect.resource.id"] == "prefect.flow-run.r1"
+    assert sent[0]["payload"]["new_pairs"] == enough
