@@ -277,6 +277,8 @@ def reference_logps_task(
                 earlier.name,
                 earlier.row_count,
             )
+            if not any(pairs.values()):
+                return store.read(earlier), []
         result = run_isolated(  # in a child process: the model's memory leaves with it
             compute_reference_logps,
             resolve_model_path(reference),
@@ -286,7 +288,8 @@ def reference_logps_task(
             bf16=bf16,
             truncation=train.truncation,
             append_eos=train.append_eos,
-            generations=_sampled_generations(store, pairs_trace),
+            # Grown incrementally: the new pairs were sampled in the nearest generations dataset.
+            generations=_sampled_generations(store, pairs_trace, nearest=earlier is not None),
             sampler_dtype=config.generation.dtype,
             trust_remote_code=reference.trust_remote_code,
         )
@@ -300,12 +303,16 @@ def reference_logps_task(
     return _materialize(store, "ref_logps", settings, [pairs_trace, pairs_empty], compute)
 
 
-def _sampled_generations(store: DatasetStore, pairs: DatasetRef) -> dict[str, dict[str, Any]] | None:
-    """Generation rows by id, when the pairs were sampled here (imported pairs have none)."""
+def _sampled_generations(
+    store: DatasetStore, pairs: DatasetRef, nearest: bool = False
+) -> dict[str, dict[str, Any]] | None:
+    """Generation rows by id, when the pairs were sampled here (imported pairs have none); ``nearest``:
+    only those of the nearest generations dataset (pairs grown incrementally have one per refresh)."""
     try:
-        found = ancestors_of_kind(store, pairs, "generations")  # one per refresh when grown incrementally
+        found = ancestors_of_kind(store, pairs, "generations")
     except ValueError:
         return None
+    found = found[:1] if nearest else found
     columns = ["generation_id", "response_segments", "sampler_logprobs"]
     out: dict[str, dict[str, Any]] = {}
     for generations in found:
