@@ -58,8 +58,11 @@ def refresh_lock(config: PipelineConfig) -> Iterator[None]:
         ) from None
 
 
-def incremental_refresh(config: PipelineConfig) -> DataRefreshOutput:
-    """New prompts → generate → score → pair (union with the previous D_t / D_e) → reference log-probs."""
+def incremental_refresh(config: PipelineConfig) -> tuple[DataRefreshOutput, dict[str, int]]:
+    """New prompts → generate → score → pair (union with the previous D_t / D_e) → reference log-probs.
+
+    Returns the datasets and the pairs per mode this refresh added (0 when it reused everything).
+    """
     from flows.pipeline import DataRefreshOutput
 
     logger = get_run_logger()
@@ -75,27 +78,27 @@ def incremental_refresh(config: PipelineConfig) -> DataRefreshOutput:
                 before.pairs_empty.name,
             )
             ref_logps = reference_logps_task(config, before.pairs_trace, before.pairs_empty)
-            return DataRefreshOutput(
+            out = DataRefreshOutput(
                 prompts=step.prompts,
                 pairs_trace=before.pairs_trace,
                 pairs_empty=before.pairs_empty,
                 ref_logps=ref_logps,
-                new_pairs={"trace": 0, "empty": 0},
             )
+            return out, {"trace": 0, "empty": 0}
         generations = generate_task(config, step.prompts, since=covered)
         scores = score_task(config, step.prompts, generations)
         pairs = pair_union_task(config, step.prompts, generations, scores, before)
         previous = [before.pairs_trace, before.pairs_empty] if before is not None else None
         ref_logps = reference_logps_task(config, pairs.pairs_trace, pairs.pairs_empty, previous=previous)
-    return DataRefreshOutput(
+    out = DataRefreshOutput(
         prompts=step.prompts,
         generations=generations,
         scores=scores,
         pairs_trace=pairs.pairs_trace,
         pairs_empty=pairs.pairs_empty,
         ref_logps=ref_logps,
-        new_pairs=pairs.added,
     )
+    return out, pairs.added
 
 
 def modes_trained(config: PipelineConfig) -> list[str]:

@@ -58,7 +58,6 @@ class DataRefreshOutput(BaseModel):
     pairs_trace: DatasetRef
     pairs_empty: DatasetRef
     ref_logps: DatasetRef
-    new_pairs: dict[str, int] = {}  # pairs per mode this refresh added to D_t / D_e (0: all reused)
 
 
 class PipelineOutput(BaseModel):
@@ -86,9 +85,10 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
     if config.pairs.sources:
         return _imported_refresh(config)
     if config.refresh.incremental:
-        out = incremental_refresh(config)
+        out, added = incremental_refresh(config)
         _refresh_artifacts(config, out)
-        announce_new_pairs(config, out.new_pairs)
+        print(f"data_refresh: new pairs per mode {added}")
+        announce_new_pairs(config, added)
         return out
     prompts = prompts_task(config)
     generations = generate_task(config, prompts)
@@ -104,11 +104,10 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
         ref_logps=ref_logps,
     )
     new = _refresh_artifacts(config, out)
-    out.new_pairs = {
-        mode: ref.row_count if ref.name in new else 0
-        for mode, ref in (("trace", pairs_trace), ("empty", pairs_empty))
+    added = {
+        m: r.row_count if r.name in new else 0 for m, r in (("trace", pairs_trace), ("empty", pairs_empty))
     }
-    announce_new_pairs(config, out.new_pairs)
+    announce_new_pairs(config, added)
     return out
 
 

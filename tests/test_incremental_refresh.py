@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow as pa
@@ -223,6 +224,12 @@ def without_prefect(monkeypatch: pytest.MonkeyPatch) -> Any:
         torch.set_num_threads(threads)
 
 
+def _refresh(config: PipelineConfig) -> Any:
+    """The refresh's datasets, with the pairs it added per mode as ``new_pairs``."""
+    out, added = incremental_flow.incremental_refresh(config)
+    return SimpleNamespace(**dict(out), new_pairs=added)
+
+
 def _write(path: Path, first: int, count: int, mode: str = "a") -> Path:
     with open(path, mode, encoding="utf-8") as handle:
         for i in range(first, first + count):
@@ -248,12 +255,12 @@ def test_appended_prompts_alone_are_generated_and_the_pairs_grow(
     source = _write(tmp_path / "p.jsonl", 0, 10, "w")
     config = _config(tmp_path, tiny, source)
     store = DatasetStore(config.workspace)
-    first = incremental_flow.incremental_refresh(config)
+    first = _refresh(config)
     assert first.generations is not None and first.new_pairs["trace"] == first.pairs_trace.row_count
     first_train = _train_prompts(store, first.prompts)
 
     _write(source, 10, 10)
-    second = incremental_flow.incremental_refresh(config)
+    second = _refresh(config)
     assert second.prompts.row_count == 20
     assert store.catalog.parents_of(second.prompts)[0] == [first.prompts.qualified]
     assert store.catalog.parents_of(second.prompts)[1]["added"] == 10
@@ -277,7 +284,7 @@ def test_appended_prompts_alone_are_generated_and_the_pairs_grow(
     ]
 
     before = catalog_rows(config.workspace)
-    third = incremental_flow.incremental_refresh(config)  # nothing new: everything reused
+    third = _refresh(config)  # nothing new: everything reused
     assert catalog_rows(config.workspace) == before
     assert (third.pairs_trace, third.pairs_empty, third.ref_logps) == (
         second.pairs_trace,
@@ -290,19 +297,19 @@ def test_appended_prompts_alone_are_generated_and_the_pairs_grow(
 def test_lost_or_changed_rows_register_nothing(tmp_path: Path, tiny: Path, without_prefect: Any) -> None:
     source = _write(tmp_path / "p.jsonl", 0, 8, "w")
     config = _config(tmp_path, tiny, source)
-    incremental_flow.incremental_refresh(config)
+    _refresh(config)
     before = catalog_rows(config.workspace)
     lines = source.read_text().splitlines(keepends=True)
 
     source.write_text("".join(lines[:5]))  # three rows lost
     with pytest.raises(PromptSourceChanged, match=r"3 prompt\(s\) are no longer in the source: p.jsonl:6"):
-        incremental_flow.incremental_refresh(config)
+        _refresh(config)
     assert catalog_rows(config.workspace) == before
 
     edited = json.loads(lines[1]) | {"prompt": "Question 1: what is 7 times 1?"}
     source.write_text("".join([lines[0], json.dumps(edited) + "\n", *lines[2:]]))
     with pytest.raises(PromptSourceChanged, match=r"1 prompt\(s\) changed text at the same place: p.jsonl:2"):
-        incremental_flow.incremental_refresh(config)
+        _refresh(config)
     assert catalog_rows(config.workspace) == before
 
 
@@ -311,14 +318,14 @@ def test_two_refreshes_at_once_generate_the_new_prompts_once(
 ) -> None:
     source = _write(tmp_path / "p.jsonl", 0, 8, "w")
     config = _config(tmp_path, tiny, source)
-    incremental_flow.incremental_refresh(config)
+    _refresh(config)
     _write(source, 8, 8)
     outs: list[Any] = []
     errors: list[BaseException] = []
 
     def refresh() -> None:
         try:
-            outs.append(incremental_flow.incremental_refresh(config))
+            outs.append(_refresh(config))
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -343,7 +350,7 @@ def test_a_round_samples_from_the_latest_checkpoint_and_trains_from_it(
     source = _write(tmp_path / "p.jsonl", 0, 10, "w")
     config = _config(tmp_path, tiny, source)
     store = DatasetStore(config.workspace)
-    data = incremental_flow.incremental_refresh(config)
+    data = _refresh(config)
     round1 = stages.train_task.fn(config, data.pairs_trace, data.pairs_empty, data.ref_logps)
 
     latest = config.model_copy(
@@ -351,7 +358,7 @@ def test_a_round_samples_from_the_latest_checkpoint_and_trains_from_it(
     )
     pinned = pin_policy(latest)
     assert pinned.generation.policy == round1.checkpoint
-    data2 = incremental_flow.incremental_refresh(pinned)  # same prompts, a new sampler: a new chain
+    data2 = _refresh(pinned)  # same prompts, a new sampler: a new chain
     assert data2.prompts == data.prompts and data2.pairs_trace != data.pairs_trace
     _, settings = store.catalog.parents_of(data2.generations)
     assert settings["model"] == round1.checkpoint
@@ -372,8 +379,6 @@ def test_a_round_samples_from_the_latest_checkpoint_and_trains_from_it(
 
 
 def test_only_a_data_refresh_deployment_run_announces_its_new_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
     import prefect.context
     import prefect.events
 
