@@ -41,6 +41,7 @@ def resolve_policy(config: PipelineConfig) -> SamplingPolicy:
     if policy == BASE:
         return SamplingPolicy()
     store = DatasetStore(config.workspace)
+    ref: DatasetRef | None
     if policy == LATEST:
         try:
             ref = store.catalog.resolve("train_metrics")
