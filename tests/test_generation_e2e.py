@@ -150,7 +150,9 @@ def check_rows(rows: list[dict[str, Any]], engine: str) -> None:
     assert len(trace) == len(empty) == len(rows) // 2
     for r in rows:
         assert r["engine"] == engine and r["prompt_text"].endswith("assistant\n")
-        assert r["prompt_tokens"] > 10 and r["answer_tokens"] >= 1
+        assert r["prompt_tokens"] > 10
+        # A trace the model ended with EOS before closing it gets no answer (sampled, so it can happen).
+        assert r["answer_tokens"] >= 1 or (r["mode"] == "trace" and r["trace_finish_reason"] == "eos"), r
         assert r["finish_reason"] in ("stop", "length")
     for r in empty:
         assert r["trace"] is None and r["trace_tokens"] == 0

@@ -40,6 +40,7 @@ BVPO = str(Path(sys.executable).with_name("bvpo"))
 AUTH = "bvpo:e2e-secret"
 RUN_TIMEOUT_S = 1500  # generous: these machines' cores are shared
 DATA_KINDS = ("prompts", "generations", "scores", "pairs_trace", "pairs_empty", "ref_logps")
+SIDE_KINDS = ("rejects", "logp_agreement")  # registered beside a stage's output, not as one
 OVERRIDES = ["eval.bootstrap_samples=50", "train.max_steps=1"]
 
 
@@ -282,9 +283,10 @@ def test_killed_run_reruns_without_duplicating_data(stack: Stack, refresh: dict[
     assert {"prompts", "generations"} <= at_kill and "ref_logps" not in at_kill  # killed mid-flow
     datasets = refresh["after_rerun"]
     kinds = Counter(d["kind"] for d in datasets)
-    # An uninterrupted run registers each stage's output once (plus one rejects dataset per stage at most).
+    # An uninterrupted run registers each stage's output once (plus one rejects dataset per stage at most,
+    # and one sampler/trainer agreement summary for the reference pass).
     assert {k: kinds[k] for k in DATA_KINDS} == dict.fromkeys(DATA_KINDS, 1), kinds
-    assert set(kinds) <= {*DATA_KINDS, "rejects"}
+    assert set(kinds) <= {*DATA_KINDS, *SIDE_KINDS} and kinds["logp_agreement"] == 1, kinds
     store = DatasetStore(stack.workspace)
     rejects_for = [
         store.catalog.parents_of(store.catalog.resolve(d["name"]))[1]["for"]

@@ -377,7 +377,8 @@ def _ui_workflow(served: Served) -> None:
         )
         found = {(d["name"], d["kind"], d["version"], str(d["row_count"])) for d in catalog}
         shown = {(r["dataset"], r["kind"], r["version"], r["rows"]) for r in rows}
-        data = {d for d in found if d[1] != "rejects"}  # rejects (dropped rows) are not in the table
+        # Rejects (dropped rows) and the sampler/trainer agreement have their own artifacts, not this table.
+        data = {d for d in found if d[1] not in ("rejects", "logp_agreement")}
         assert shown == data, f"the UI's table {sorted(shown)} != registered by run {run_id}: {sorted(data)}"
         prompts_ds = next(d for d in catalog if d["kind"] == "prompts")
         config = json.loads(prompts_ds["config"])
