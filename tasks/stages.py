@@ -249,6 +249,7 @@ def reference_logps_task(
 ) -> DatasetRef:
     """Reference log-probs of D_t and D_e. ``previous``: the D_t and D_e these grew from (an incremental
     refresh); when their reference log-probs with the same settings exist, only the new pairs are scored."""
+    from pipeline.generation.precision import resolve_vllm_dtype
     from pipeline.pair_union import union_by_key
     from pipeline.training.precision import resolve_bf16
     from pipeline.training.reference import compute_reference_logps
@@ -290,7 +291,7 @@ def reference_logps_task(
             append_eos=train.append_eos,
             # Grown incrementally: the new pairs were sampled in the nearest generations dataset.
             generations=_sampled_generations(store, pairs_trace, nearest=earlier is not None),
-            sampler_dtype=config.generation.dtype,
+            sampler_dtype=resolve_vllm_dtype(config.generation.dtype),
             trust_remote_code=reference.trust_remote_code,
         )
         if result.agreement:  # registered before ref_logps (like rejects): a crash leaves no gap

@@ -44,3 +44,26 @@ def test_config_defaults_to_auto_and_rejects_other_words() -> None:
     assert TrainConfig.model_validate({"bf16": False}).bf16 is False
     with pytest.raises(ValueError, match="bf16"):
         precision.resolve_bf16("fast")
+
+
+@pytest.mark.usefixtures("cpu_only")
+@pytest.mark.parametrize(
+    ("flags", "expected"), [({"avx2"}, "float32"), ({"amx_bf16", "amx_tile"}, "bfloat16")]
+)
+def test_generation_dtype_auto_samples_in_fp32_where_bf16_is_emulated(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], expected: str
+) -> None:
+    from pipeline.config import GenerationConfig
+    from pipeline.generation.precision import resolve_vllm_dtype
+
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+    assert resolve_vllm_dtype("auto") == expected and resolve_vllm_dtype("bfloat16") == "bfloat16"
+    # The generations' version follows what 'auto' resolved to, so a bf16 and an fp32 sample never mix.
+    assert GenerationConfig().fingerprint()["dtype"] == expected
+
+
+def test_generation_dtype_auto_is_vllms_own_choice_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.generation.precision import resolve_vllm_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_vllm_dtype("auto") == "auto" and resolve_vllm_dtype("float32") == "float32"

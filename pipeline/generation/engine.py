@@ -165,6 +165,8 @@ def open_vllm_engine(
             os.environ.update(cpu_thread_env(config.cpu_omp_bind, config.tensor_parallel_size))
     from vllm import LLM
 
+    from pipeline.generation.precision import resolve_vllm_dtype
+
     kwargs: dict[str, Any] = {
         "model": model_path,
         "seed": config.seed,
@@ -172,7 +174,7 @@ def open_vllm_engine(
         "enforce_eager": config.enforce_eager,
         "tensor_parallel_size": config.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
-        "dtype": config.dtype,
+        "dtype": resolve_vllm_dtype(config.dtype),
         "worker_extension_cls": WORKER_EXTENSION,
         "logprobs_mode": f"{config.logprobs_mode}_logprobs",
     }
