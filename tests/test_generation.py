@@ -109,6 +109,7 @@ class _ScriptedAnswers(ScriptedEngine):
         self.trace_end = trace_end
 
     def complete(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Completion]]:
+        self.calls.append((prompts, specs))
         if specs[0].stop:
             finish, stop = self.trace_end
             text = "hmm\n</think>" if stop else "hmm"
@@ -129,9 +130,30 @@ def test_unparseable_answers_are_kept_flagged_and_listed_as_rejects() -> None:
     assert all(r["stage"] == "generate" and json.loads(r["payload"])["prompt_id"] == "p0" for r in rejects)
 
 
-def test_a_trace_that_ends_the_sequence_gets_no_answer_and_is_flagged() -> None:
-    engine = _ScriptedAnswers(["unused"] * 2, trace_end=("stop", None))
+def test_a_trace_that_ends_the_sequence_is_closed_and_answered_without_its_eos() -> None:
+    engine = _ScriptedAnswers(["4", "5"], trace_end=("stop", None))
     rows = generate_responses(engine, PROMPTS[:1], config(samples_per_prompt=2), "m")
+    tok = engine.tokenizer
+    forced = tok("\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    trace = [r for r in rows if r["mode"] == "trace"]
+    answer_prompts = engine.calls[1][0]
+    for r, fed in zip(trace, answer_prompts, strict=True):
+        assert r["trace_finish_reason"] == "eos" and not r["budget_forced"] and r["parse_ok"]
+        response, segments = r["response_token_ids"], r["response_segments"]
+        assert tok.eos_token_id not in response[: segments.index(Segment.ANSWER)]  # the trace's EOS: dropped
+        trace_ids = [t for t, s in zip(response, segments, strict=True) if s == Segment.TRACE]
+        assert trace_ids == tok("hmm", add_special_tokens=False)["input_ids"] and r["trace_tokens"] == 1
+        assert [t for t, s in zip(response, segments, strict=True) if s == Segment.FORCED] == forced
+        # The answer was sampled after exactly the stored ids: prompt + open tag + trace + forced close.
+        assert fed == r["prompt_token_ids"] + response[: segments.index(Segment.ANSWER)]
+        assert len(r["sampler_logprobs"]) == len(response)
+    assert [r["answer"] for r in trace] == ["4", "5"]
+
+
+def test_a_trace_that_ends_the_sequence_gets_no_answer_without_close_on_eos() -> None:
+    engine = _ScriptedAnswers(["unused"] * 2, trace_end=("stop", None))
+    cfg = config(samples_per_prompt=2, reasoning=ReasoningConfig(close_on_eos=False))
+    rows = generate_responses(engine, PROMPTS[:1], cfg, "m")
     trace = [r for r in rows if r["mode"] == "trace"]
     for r in trace:
         assert r["trace_finish_reason"] == "eos" and not r["parse_ok"] and r["answer"] == ""

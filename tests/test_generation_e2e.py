@@ -32,6 +32,7 @@ import pytest
 from pipeline.config import GenerationConfig, PairingConfig
 from pipeline.generation.engine_log import ENV_VAR, read_log
 from pipeline.generation.reasoning import TraceFormat
+from pipeline.generation.segments import Segment
 from pipeline.generation.shards import ShardStore
 from pipeline.generation.stage import GenerateStageResult, run_generate_stage
 from pipeline.model_assets import embedded_checkpoint
@@ -151,16 +152,15 @@ def check_rows(rows: list[dict[str, Any]], engine: str) -> None:
     for r in rows:
         assert r["engine"] == engine and r["prompt_text"].endswith("assistant\n")
         assert r["prompt_tokens"] > 10
-        # A trace the model ended with EOS before closing it gets no answer (sampled, so it can happen).
-        assert r["answer_tokens"] >= 1 or (r["mode"] == "trace" and r["trace_finish_reason"] == "eos"), r
+        assert r["answer_tokens"] >= 1, r  # a trace the model ended with EOS is closed and answered too
         assert r["finish_reason"] in ("stop", "length")
     for r in empty:
         assert r["trace"] is None and r["trace_tokens"] == 0
         assert r["response_text"].startswith("<think>\n\n</think>\n\n")
     for r in trace:
-        assert 1 <= r["trace_tokens"] <= TRACE_BUDGET
-        assert r["response_text"].startswith("<think>\n")
-        assert r["trace_finish_reason"] == "eos" or "</think>" in r["response_text"]
+        assert (0 if r["trace_finish_reason"] == "eos" else 1) <= r["trace_tokens"] <= TRACE_BUDGET
+        assert r["response_text"].startswith("<think>\n") and "</think>" in r["response_text"]
+        assert not r["eos_emitted"] or r["response_segments"][-1] == Segment.EOS
         assert r["trace_finish_reason"] in ("close_tag", "budget", "eos")
         assert r["budget_forced"] == (r["trace_finish_reason"] == "budget")
     forced = [r for r in trace if r["budget_forced"]]
@@ -193,15 +193,17 @@ def check_token_exact(rows: list[dict[str, Any]], log_path: str, tokenizer: Any)
         full = r["prompt_token_ids"] + r["response_token_ids"]
         last = produced(full)
         assert last is not None, f"{r['generation_id']}: stored ids are not a logged prompt + vLLM output"
-        if r["mode"] == "trace" and r["trace_finish_reason"] != "eos":
+        if r["mode"] == "trace" and (r["trace_finish_reason"] != "eos" or CONFIG.reasoning.close_on_eos):
             fed = last[0]  # the answer pass was fed prompt + open tag + vLLM's trace ids + forced ids
+            # (a trace closed on its EOS: vLLM's trace ids but that EOS, then the forced close tag)
+            drop = 1 if r["trace_finish_reason"] == "eos" else 0
             first = [
                 (list(p), out)
                 for p, outs in log.items()
                 for out in outs
                 if list(p) == r["prompt_token_ids"] + fed[len(r["prompt_token_ids"]) : len(p)]
-                and fed[: len(p) + len(out)] == list(p) + out
-                and fed[len(p) + len(out) :] in ([], forced)
+                and fed[: len(p) + len(out) - drop] == list(p) + out[: len(out) - drop]
+                and fed[len(p) + len(out) - drop :] in ([], forced)
             ]
             assert first, f"{r['generation_id']}: the answer pass was not fed vLLM's own trace ids"
         full_of[r["generation_id"]] = full

@@ -29,10 +29,14 @@ def log_request(prompt: Sequence[int], outputs: Sequence[Sequence[int]]) -> None
 
 
 def read_log(path: str) -> dict[tuple[int, ...], list[list[int]]]:
-    """The logged requests: prompt ids → the outputs' ids (a prompt sent twice keeps its last answer)."""
+    """The logged requests: prompt ids → the outputs' ids of every request with that prompt, in log order.
+
+    Identical prompts are common (two samples whose short traces came out the same feed the same answer
+    prompt), so the outputs of each are kept, not only the last one's.
+    """
     requests: dict[tuple[int, ...], list[list[int]]] = {}
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             entry = json.loads(line)
-            requests[tuple(entry["prompt"])] = entry["outputs"]
+            requests.setdefault(tuple(entry["prompt"]), []).extend(entry["outputs"])
     return requests

@@ -4,11 +4,13 @@ docs/method.md §Token-exact sequences. Each prompt is rendered and tokenized on
 (:meth:`TraceFormat.prompt_ids`). Reasoning on is two passes: (1) sample the trace after the prompt and the
 prefilled open tag, stopping at the close tag or at the trace budget; (2) sample the answer after exactly the
 ids so far: prompt + open tag + the sampled trace ids + only the ids actually forced (the close tag, when the
-budget stopped the trace). Reasoning off is one pass after the prefilled empty block (or, with native
-control, after a prompt whose template wrote it). Nothing the model wrote is edited: a row stores the prompt
-ids, the response ids (everything after the prompt), a segment code per response token, whether the model
-emitted end-of-sequence, and the engine's log-prob of every sampled token; its text columns are decoded from
-those ids. Both modes' first passes share one batched ``complete`` call, and all answers of pass 2 another.
+budget stopped the trace, or when the model ended the sequence inside it: with ``reasoning.close_on_eos``
+that EOS is dropped and the tag forced, as at the budget). Reasoning off is one pass after the prefilled
+empty block (or, with native control, after a prompt whose template wrote it). Nothing the model wrote is
+edited: a row stores the prompt ids, the response ids (everything after the prompt), a segment code per
+response token, whether the model emitted end-of-sequence, and the engine's log-prob of every sampled token;
+its text columns are decoded from those ids. Both modes' first passes share one batched ``complete`` call,
+and all answers of pass 2 another.
 """
 
 from __future__ import annotations
@@ -90,11 +92,11 @@ def generate_responses(
     for index, p in enumerate(prompts):
         for sample_index, completion in enumerate(first[2 * index]):
             traces.append((p, sample_index, completion))
-            if trace_finish(completion, fmt) != "eos":
+            if gets_answer(completion, fmt):
                 answer_inputs.append(
                     prompt_ids[(p["prompt_id"], "trace")]
                     + fixed.prefix["trace"]
-                    + list(completion.token_ids)
+                    + kept_trace_ids(completion, fmt)
                     + forced_ids(completion, fmt, fixed)
                 )
     answer_specs = [spec(config.max_answer_tokens, 1)] * len(answer_inputs)
@@ -115,7 +117,7 @@ def generate_responses(
     processed = config.logprobs_mode == "processed"
     rows = []
     for p, i, trace in traces:
-        answer = next(answers)[0] if trace_finish(trace, fmt) != "eos" else None
+        answer = next(answers)[0] if gets_answer(trace, fmt) else None
         ids = prompt_ids[(p["prompt_id"], "trace")]
         rows.append(_row(fmt, tokenizer, fixed, p, "trace", i, ids, trace, answer, processed) | common)
     for index, p in enumerate(prompts):
@@ -142,9 +144,27 @@ def trace_finish(trace: Completion, fmt: TraceFormat) -> str:
     return "eos"
 
 
+def closes_on_eos(trace: Completion, fmt: TraceFormat) -> bool:
+    """The model ended the sequence inside the trace and ``reasoning.close_on_eos`` closes it."""
+    return fmt.config.close_on_eos and trace_finish(trace, fmt) == "eos"
+
+
+def gets_answer(trace: Completion, fmt: TraceFormat) -> bool:
+    """An answer is sampled after this trace (every trace but one the model ended, unless it is closed)."""
+    return trace_finish(trace, fmt) != "eos" or closes_on_eos(trace, fmt)
+
+
+def kept_trace_ids(trace: Completion, fmt: TraceFormat) -> list[int]:
+    """The sampled trace ids that stay in the sequence: all, but the EOS of a trace closed on it."""
+    ids = list(trace.token_ids)
+    return ids[:-1] if closes_on_eos(trace, fmt) and ids else ids
+
+
 def forced_ids(trace: Completion, fmt: TraceFormat, fixed: FixedIds) -> list[int]:
-    """Ids the pipeline forces after a trace: the close tag when the budget stopped it, else none."""
-    return list(fixed.forced_close) if trace_finish(trace, fmt) == "budget" else []
+    """Ids the pipeline forces after a trace: the close tag when the budget stopped it or it is closed on
+    its EOS (``reasoning.close_on_eos``), else none."""
+    forced = trace_finish(trace, fmt) == "budget" or closes_on_eos(trace, fmt)
+    return list(fixed.forced_close) if forced else []
 
 
 def _emitted_eos(completion: Completion) -> bool:
@@ -179,17 +199,18 @@ def _row(
     if trace is not None:
         trace_finish_reason = trace_finish(trace, fmt)
         trace_closed, budget_forced = trace_finish_reason == "close_tag", trace_finish_reason == "budget"
-        response += trace.token_ids
-        segments += [Segment.TRACE] * len(trace.token_ids)
-        logps += _sampled(trace)
-        if trace_finish_reason == "eos":
+        kept = kept_trace_ids(trace, fmt)
+        response += kept
+        segments += [Segment.TRACE] * len(kept)
+        logps += _sampled(trace)[: len(kept)]
+        if trace_finish_reason == "eos" and not closes_on_eos(trace, fmt):
             segments[-1] = Segment.EOS
         forced = forced_ids(trace, fmt, fixed)
         response += forced
         segments += [Segment.FORCED] * len(forced)
         logps += [None] * len(forced)
     answer_ids: list[int] = []
-    eos = trace_finish_reason == "eos"
+    eos = trace is not None and trace_finish_reason == "eos" and not closes_on_eos(trace, fmt)
     if answer is not None:
         answer_ids = list(answer.token_ids)
         eos = _emitted_eos(answer)
@@ -216,7 +237,7 @@ def _row(
         "trace": None if trace is None else _trace_text(decode(tokenizer, trace_ids), fmt),
         "answer": answer_text,
         "prompt_tokens": len(prompt_ids),
-        "trace_tokens": 0 if trace is None else len(trace.token_ids),
+        "trace_tokens": 0 if trace is None else len(kept_trace_ids(trace, fmt)),  # as stored: no dropped EOS
         "answer_tokens": 0 if answer is None else len(answer.token_ids),
         "trace_finish_reason": trace_finish_reason,
         "finish_reason": answer.finish_reason if answer is not None else "stop",
