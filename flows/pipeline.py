@@ -113,8 +113,8 @@ def data_refresh(config: PipelineConfig = PipelineConfig()) -> DataRefreshOutput
 
 def _refresh_artifacts(config: PipelineConfig, out: DataRefreshOutput) -> set[str]:
     """The datasets table and summary of a refresh; returns the names of those it registered."""
-    refs = [out.prompts, out.generations, out.scores, out.pairs_trace, out.pairs_empty, out.ref_logps]
-    refs = [ref for ref in refs if ref is not None]
+    listed = [out.prompts, out.generations, out.scores, out.pairs_trace, out.pairs_empty, out.ref_logps]
+    refs = [ref for ref in listed if ref is not None]
     new = registered_here(config, refs)
     datasets_artifact(refs, "data-refresh-datasets", new)
     create_markdown_artifact(key="data-refresh-summary", markdown=refresh_markdown(out, new))

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -128,6 +130,13 @@ def previous_pairs(config: PipelineConfig) -> PreviousPairs | None:
     return PreviousPairs(pairs_trace=trace, pairs_empty=empty, prompts=catalog.resolve(settings["prompts"]))
 
 
+def _ready(
+    table: pa.Table, rejects: list[dict[str, Any]]
+) -> Callable[[], tuple[pa.Table, list[dict[str, Any]]]]:
+    """A ``compute`` for :func:`_materialize` whose result is already at hand."""
+    return lambda: (table, rejects)
+
+
 def new_train_prompts(config: PipelineConfig, prompts: DatasetRef, covered: DatasetRef | None) -> int:
     """Train-split prompts of ``prompts`` that ``covered`` does not hold."""
     store = DatasetStore(config.workspace)
@@ -167,7 +176,7 @@ def pair_union_task(
             kind, old = f"pairs_{mode}", before[mode]
             table = union_by_key(store.read(old), new[mode], "pair_id", kind) if old else new[mode]
             rejects = result.rejects if mode == "trace" else []
-            out[mode] = _materialize(store, kind, settings, parents[mode], lambda t=table, r=rejects: (t, r))
+            out[mode] = _materialize(store, kind, settings, parents[mode], _ready(table, rejects))
     added: dict[str, int] = {}
     for mode in MODES:
         old = before[mode]
