@@ -7,6 +7,7 @@ Command modules (``flows/cli/*.py``) import :data:`app` and register their comma
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,6 +85,14 @@ def prepare_flow_process() -> None:
     # Without PREFECT_API_URL, Prefect starts a temporary server and gives it 20 s by default: on a busy
     # 2-core machine it can need more (seen: "Timed out while attempting to connect").
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # SIGTERM (kill, a scheduler's stop) ends the process through SystemExit, so exit handlers run: the
+    # temporary Prefect server is stopped with it instead of being left running without a parent.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def print_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
