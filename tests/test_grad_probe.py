@@ -144,6 +144,50 @@ def test_head_gradients_equal_autograd_exactly_and_their_sketch_is_the_projected
     assert torch.allclose(projected.grads, by_hand, atol=1e-9)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_prefix_states_equal_the_kv_cache_path(attention: str) -> None:
+    """The packed unit rows (each prompt and block run once, 4D mask) give the states of the padded
+    KV-cache path: ragged and empty blocks, answers of one token, two prompts, unit rows in two batches."""
+    from pipeline.training import probe_grads
+
+    model = tiny_model(1, attn_implementation=attention)
+    groups = probe_grads._prefix_groups(
+        [
+            ([2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22]),
+            ([2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12], [23]),
+            ([2, 3, 4], [5, 13], [20, 21, 22]),
+            ([2, 3, 4], [], [24, 25]),
+            ([2, 3, 4], [], [26]),
+            ([7, 8], [9, 10, 11, 12, 13, 14, 15], [27, 28, 29, 30]),
+        ]
+    )
+    assert len(probe_grads._unit_buckets([8 + 2, 2 + 2, 1, 7 + 3])) > 1
+    with torch.no_grad():
+        packed = probe_grads._packed_prefix_states(model, groups, 0)
+        cached = probe_grads._shared_prefix_states(model, groups, 0)
+    for (block_p, answers_p), (block_c, answers_c) in zip(packed, cached, strict=True):
+        assert block_p.shape == block_c.shape and torch.allclose(block_p, block_c, atol=1e-10)
+        for a_p, a_c in zip(answers_p, answers_c, strict=True):
+            assert a_p.shape == a_c.shape and torch.allclose(a_p, a_c, atol=1e-10)
+
+
+def test_head_follows_the_resolved_bf16_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.bf16: auto`` where bf16 is not native runs the head in float32, like the training (the raw
+    string "auto" must not switch the head's matmul to bf16)."""
+    import pipeline.training.precision as precision
+
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda: False)
+    model = tiny_model(2, dtype=torch.float32)
+    seqs = _examples(model, 1, 4, seed=1, length=2)[0].sequences()
+    backend = _HeadGradients(model, dim=128, seed=0)
+    auto = backend.stats(model, seqs, 0, "auto", with_grads=True)
+    fp32 = backend.stats(model, seqs, 0, False, with_grads=True)
+    low = backend.stats(model, seqs, 0, True, with_grads=True)
+    assert torch.equal(auto.total, fp32.total) and auto.grads is not None and fp32.grads is not None
+    assert torch.equal(auto.grads, fp32.grads)
+    assert not torch.equal(low.total, fp32.total)
+
+
 def test_lora_gradients_are_the_autograd_gradients_of_the_adapters() -> None:
     """With LoRA on, ``params: auto`` probes the adapters: per-sequence autograd, exact below D weights."""
     from pipeline.config import LoraSettings

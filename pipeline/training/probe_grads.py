@@ -1,10 +1,12 @@
 """Per-sequence log-probs and (projected) gradients for the gradient probe (docs/method.md §Probe estimator).
 
 ``head`` (default without LoRA) is the LM-head weight ``W``; its per-sequence gradient has the closed form
-``Σ_t (e_{y_t} − p_t) h_tᵀ``, so the probe needs only forward passes, and each prompt + trace prefix runs once
-(a KV cache serves both answers; the prefix's share of the log-prob and of the gradient is added to each
-answer's). Its logits follow the training's autocast (bf16 when ``train.bf16``). ``lora`` (default with LoRA)
-and ``all`` take per-sequence autograd gradients of the LoRA adapters / every trainable weight. When the
+``Σ_t (e_{y_t} − p_t) h_tᵀ``, so the probe needs only forward passes, and no prompt or block runs twice: each
+distinct prompt runs once (a KV cache serves its M traces and the reasoning-off block), each trace block once
+with its answers packed after it under a 4D mask (:func:`_packed_prefix_states`), and the block's share of the
+log-prob and of the gradient is added to each answer's. Its logits follow the training's resolved autocast
+(``train.bf16: auto``: bf16 only where it is native). ``lora`` (default with LoRA) and ``all`` take
+per-sequence autograd gradients of the LoRA adapters / every trainable weight. When the
 subset has more than ``projection_dim`` = D weights the gradients pass through a seeded random projection S
 with ``E[SᵀS] = I``, which preserves inner products and squared norms in expectation: for the head a Kronecker
 Gaussian sketch ``P_V G P_Hᵀ`` (``P_V``: (D/d_h) × V, ``P_H``: d_h × H, d_h = min(H, 64), entries
@@ -18,6 +20,7 @@ log-probs of each sequence's sampled tokens under the processed sampler distribu
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ from torch import nn
 
 from pipeline.config import ProbeConfig
 from pipeline.training.modeling import autocast
+from pipeline.training.packing import attention_implementation, shares_prefix
+from pipeline.training.precision import resolve_bf16
 from pipeline.training.probe_estimator import processed_log_softmax
 from pipeline.training.probe_set import ProbeDataError
 from pipeline.training.sequences import HEAD_CHUNK, collate
@@ -172,7 +177,7 @@ class _HeadGradients:
                     tempered_sums.index_add_(0, seg, torch.where(kind > 0, lt, zero))
             if grads is None:
                 continue
-            probs = logp.exp()
+            probs = logp.exp_()  # logp is not read again
             if p_v is None or p_h is None:  # exact: Σ_t (e_y − p_t) h_tᵀ per segment
                 probs[torch.arange(len(y), device=device), y] -= 1.0
                 for s in seg.unique():
@@ -193,7 +198,7 @@ class _HeadGradients:
         model: nn.Module,
         seqs: Sequence[tuple[list[int], list[int], list[int]]],
         pad_id: int,
-        bf16: bool,
+        bf16: bool | str,
         *,
         with_grads: bool,
         sampler: Sampler | None = None,
@@ -203,11 +208,15 @@ class _HeadGradients:
         all of its answers."""
         if with_grads and self.dim == 0:
             raise ValueError("this head-gradient backend computes log-probs only")
+        bf16 = resolve_bf16(bf16)  # train.bf16: auto → bf16 only where it is native, as the training
         head = model.get_output_embeddings()  # type: ignore[operator]
         with torch.no_grad():
             groups = _prefix_groups(seqs)
             with autocast(bf16):
-                states = _shared_prefix_states(model, groups, pad_id)
+                if shares_prefix(model):
+                    states = _packed_prefix_states(model, groups, pad_id)
+                else:
+                    states = _shared_prefix_states(model, groups, pad_id)
             # Segments: each group's block, then each of its answers.
             parts_h: list[torch.Tensor] = []
             parts_y: list[list[int]] = []
@@ -325,6 +334,118 @@ def _shared_prefix_states(
     return out_states
 
 
+BUCKET_FILL = 0.75  # a unit row joins a bucket while its width is at least this share of the bucket's widest
+
+
+def _unit_buckets(widths: Sequence[int]) -> list[list[int]]:
+    """Indices of unit rows grouped into batches of similar width, widest first (bounded padding)."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and widths[i] >= BUCKET_FILL * widths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def _packed_prefix_states(
+    model: nn.Module, groups: list[tuple[list[int], list[int], list[tuple[int, list[int]]]]], pad_id: int
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """What :func:`_shared_prefix_states` returns, with every needed position run exactly once.
+
+    Each distinct prompt runs once (right-padded batch, KV cache). Each group is then one packed unit row
+    ``[block, answer_1[:-1], answer_2[:-1], ...]`` that continues from its prompt's cache: a 4D mask lets a
+    block token see its prompt and the earlier block tokens, an answer token its prompt, the whole block and
+    its own earlier tokens, and position ids continue the prompt (as in docs/method.md §Packed forward), so
+    every state equals that of ``prompt + block + answer`` run alone. So neither the prompt (shared by the M
+    traces and by the reasoning-off block when its prompt is the same) nor the block is run more than once,
+    and an answer's last token, which predicts nothing, is not run. Unit rows of similar width are batched
+    (:func:`_unit_buckets`), each batch from a copy of the prompts' cache.
+    """
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()  # type: ignore[operator]
+    prompt_index: dict[tuple[int, ...], int] = {}
+    for prompt, _, _ in groups:
+        prompt_index.setdefault(tuple(prompt), len(prompt_index))
+    prompts = [list(p) for p in prompt_index]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+        mask[row, : len(prompt)] = True
+    ids, mask = ids.to(device), mask.to(device)
+    positions = torch.arange(width, device=device).unsqueeze(0).expand(len(prompts), -1)
+    out = decoder(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=True)
+    prompt_hidden, prompt_cache = out.last_hidden_state, out.past_key_values
+
+    # Unit rows: tokens, position ids, and which part (0 block, k ≥ 1 answer k) each column is.
+    units: list[tuple[list[int], list[int], list[int]]] = []
+    for prompt, block, members in groups:
+        tokens, pos, part = list(block), list(range(len(prompt), len(prompt) + len(block))), [0] * len(block)
+        start = len(prompt) + len(block)
+        for k, (_, answer) in enumerate(members, start=1):
+            tokens += answer[:-1]
+            pos += list(range(start, start + len(answer) - 1))
+            part += [k] * (len(answer) - 1)
+        units.append((tokens, pos, part))
+    hidden_of: list[torch.Tensor | None] = [None] * len(groups)
+    buckets = _unit_buckets([max(1, len(u[0])) for u in units])
+    for n, bucket in enumerate(buckets):
+        u_width = max(1, max(len(units[g][0]) for g in bucket))
+        u_ids = torch.full((len(bucket), u_width), pad_id, dtype=torch.long)
+        u_pos = torch.zeros((len(bucket), u_width), dtype=torch.long)
+        # Per column: its part, −1 for padding; a query sees keys of its own part, or of the block (part 0).
+        u_part = torch.full((len(bucket), u_width), -1, dtype=torch.long)
+        for row, g in enumerate(bucket):
+            tokens, pos, part = units[g]
+            u_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            u_pos[row, : len(tokens)] = torch.tensor(pos, dtype=torch.long)
+            u_part[row, : len(tokens)] = torch.tensor(part, dtype=torch.long)
+        causal = torch.ones(u_width, u_width, dtype=torch.bool).tril()
+        real = u_part >= 0
+        visible = (u_part[:, None, :] == 0) | (u_part[:, :, None] == u_part[:, None, :])
+        own = causal & visible & real[:, None, :] & real[:, :, None]
+        select = torch.tensor([prompt_index[tuple(groups[g][0])] for g in bucket], device=device)
+        # Padding queries see their prompt only (no query row of the mask is empty: no NaN states).
+        seen = mask[select].unsqueeze(1).expand(-1, u_width, -1)
+        full = torch.cat([seen, own.to(device)], dim=2).unsqueeze(1)
+        cache = prompt_cache if n == len(buckets) - 1 else copy.deepcopy(prompt_cache)
+        cache.batch_select_indices(select)
+        hidden = decoder(
+            input_ids=u_ids.to(device),
+            attention_mask=_dense_mask(model, full),
+            position_ids=u_pos.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        for row, g in enumerate(bucket):
+            hidden_of[g] = hidden[row]
+    out_states: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    for g, (prompt, block, members) in enumerate(groups):
+        unit_h = hidden_of[g]
+        assert unit_h is not None
+        prompt_last = prompt_hidden[prompt_index[tuple(prompt)], len(prompt) - 1 : len(prompt)]
+        block_states = torch.cat([prompt_last, unit_h[: len(block)]])  # predict block tokens, then answer 0
+        answer_states = []
+        offset = len(block)
+        for _, answer in members:
+            answer_states.append(torch.cat([block_states[-1:], unit_h[offset : offset + len(answer) - 1]]))
+            offset += len(answer) - 1
+        out_states.append((block_states[:-1], answer_states))
+    return out_states
+
+
+def _dense_mask(model: nn.Module, visible: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask as the attention implementation takes it (sdpa: boolean; eager: additive)."""
+    if attention_implementation(model) == "sdpa":
+        return visible
+    dtype = next(model.parameters()).dtype
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)
+
+
 class _ParamGradients:
     """Autograd gradients of a parameter subset, one sequence at a time, exact or count-sketched to D."""
 
@@ -363,10 +484,11 @@ class _ParamGradients:
         model: nn.Module,
         seqs: Sequence[tuple[list[int], list[int], list[int]]],
         pad_id: int,
-        bf16: bool,
+        bf16: bool | str,
         *,
         with_grads: bool,
     ) -> SequenceStats:
+        bf16 = resolve_bf16(bf16)
         head = model.get_output_embeddings()  # type: ignore[operator]
         dtype = _head_dtype(head)
         bias = getattr(head, "bias", None)
