@@ -107,14 +107,18 @@ def eval_after_train_trigger() -> DeploymentEventTrigger:
         posture=Posture.Reactive,
         threshold=1,
         parameters={
-            # The completed run's config, as JSON (not a string), and its id.
-            "config": {
-                "__prefect_kind": "json",
-                "value": {"__prefect_kind": "jinja", "template": "{{ flow_run.parameters.config | tojson }}"},
-            },
+            "config": _triggering_run_config(),
             "train_run_id": {"__prefect_kind": "jinja", "template": "{{ flow_run.id }}"},
         },
     )
+
+
+def _triggering_run_config() -> dict[str, Any]:
+    """A trigger parameter: the config of the flow run whose event fired it, as JSON (not a string)."""
+    return {
+        "__prefect_kind": "json",
+        "value": {"__prefect_kind": "jinja", "template": "{{ flow_run.parameters.config | tojson }}"},
+    }
 
 
 def train_after_refresh_trigger() -> DeploymentEventTrigger:
@@ -132,12 +136,7 @@ def train_after_refresh_trigger() -> DeploymentEventTrigger:
         for_each={"prefect.resource.id"},
         posture=Posture.Reactive,
         threshold=1,
-        parameters={
-            "config": {
-                "__prefect_kind": "json",
-                "value": {"__prefect_kind": "jinja", "template": "{{ flow_run.parameters.config | tojson }}"},
-            },
-        },
+        parameters={"config": _triggering_run_config()},
     )
 
 
