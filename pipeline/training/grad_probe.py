@@ -38,6 +38,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.training.alpha_star import AlphaController, GradientStats, stats_from_terms
+from pipeline.training.precision import resolve_bf16
 from pipeline.training.probe_estimator import PromptSamples, PromptTerms, prompt_terms
 from pipeline.training.probe_grads import (
     HEAD_SKETCH_COLS,
@@ -156,7 +157,7 @@ class GradProbe:
             raise ProbeDataError(f"every probe example needs at least 4 traces: {counts}")
         self.settings = config.probe
         self.beta = config.beta
-        self.bf16 = config.bf16
+        self.bf16 = resolve_bf16(config.bf16)  # "auto" resolved here: a bare string would read as true
         self.auto = config.alpha == "auto"
         self.pad_id = pad_id
         self._gradients: _HeadGradients | _ParamGradients | None = None
