@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +42,9 @@ def bare_vllm(request: dict[str, Any]) -> dict[str, Any]:
     """The bare script: start ``vllm.LLM``, then the two passes with plain ``generate`` calls, in token ids.
 
     It does the same work as the pipeline: token-id prompts (rendered and tokenized once), the sampled
-    trace ids fed back with the forced close tag only when the budget stopped a trace, and the log-prob of
-    each sampled token returned. Its engine start is timed like the pipeline's: from the process's launch
+    trace ids fed back with the forced close tag when the budget stopped a trace or the model ended it with
+    EOS (dropped, as ``reasoning.close_on_eos`` does by default), and the log-prob of each sampled token
+    returned. Its engine start is timed like the pipeline's: from the process's launch
     (interpreter, ``import vllm``, ``LLM(...)``).
     """
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -72,16 +74,21 @@ def bare_vllm(request: dict[str, Any]) -> dict[str, Any]:
         ]
     began = time.perf_counter()
     first = llm.generate(first_inputs, first_params, use_tqdm=False)
+
+    def eos_ended(c: Any) -> bool:  # the model sampled EOS inside the trace
+        return c.finish_reason == "stop" and c.stop_reason is None and bool(c.token_ids)
+
+    def continued(c: Any) -> list[int]:
+        """As the pipeline's default (reasoning.close_on_eos): a trace cut by the budget or ended by EOS
+        (that EOS dropped) gets the close tag forced; one closed by the model continues as sampled."""
+        if eos_ended(c):
+            return list(c.token_ids)[:-1] + forced
+        return list(c.token_ids) + (forced if c.finish_reason == "length" else [])
+
     answer_inputs = [
-        TokensPrompt(
-            prompt_token_ids=prompt
-            + open_ids
-            + list(c.token_ids)
-            + (forced if c.finish_reason == "length" else [])
-        )
+        TokensPrompt(prompt_token_ids=prompt + open_ids + continued(c))
         for prompt, out in zip(rendered, first[0::2], strict=True)
         for c in out.outputs
-        if c.finish_reason == "length" or c.stop_reason == CLOSE
     ]
     answers = llm.generate(
         answer_inputs, SamplingParams(n=1, max_tokens=answer_max, **sampling), use_tqdm=False
@@ -205,6 +212,12 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="skip batched HF generate (slow on CPUs)")
     parser.add_argument("--shard-size", type=int, default=0, help="0: one shard")
     parser.add_argument("--skip-default-bind", action="store_true", help="skip bare vLLM with vLLM's binding")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="pipeline/bare pairs, interleaved (P B, B P, ...): the ratio's median and range over pairs",
+    )
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--bare-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,8 +247,16 @@ def main() -> None:
         f"answer <= {args.answer} tokens; {os.cpu_count()} CPUs"
     )
     subprocess.run([sys.executable, "-c", "import vllm"], check=True, capture_output=True)  # warm file cache
-    pipe = run_pipeline(model, prompts, args)
-    bare = run_bare(request, cpu_thread_env("all", 1))
+    pairs = []
+    for index in range(args.repeats):  # alternate the order: neither side always runs on a warmer machine
+        if index % 2 == 0:
+            pipe = run_pipeline(model, prompts, args)
+            bare = run_bare(request, cpu_thread_env("all", 1))
+        else:
+            bare = run_bare(request, cpu_thread_env("all", 1))
+            pipe = run_pipeline(model, prompts, args)
+        pairs.append((pipe, bare))
+        print(f"pair {index + 1}: pipeline {speed(pipe):.1f} tok/s, bare {speed(bare):.1f} tok/s", flush=True)
     default = None if args.skip_default_bind else run_bare(request, {})
     hf = None if args.skip_hf else run_hf(model, prompts, args)
 
@@ -250,6 +271,16 @@ def main() -> None:
             f"{name:36s} {f['tokens']:7d} {f['start_s']:8.1f} {f['gen_s']:7.1f} "
             f"{speed(f):7.1f} {total:7.1f} {f['tokens'] / total:14.1f}"
         )
+    if len(pairs) > 1:
+        ratios = sorted(speed(p) / speed(b) for p, b in pairs)
+        starts = sorted(p["start_s"] - b["start_s"] for p, b in pairs)
+        print(
+            f"\nover {len(pairs)} interleaved pairs: pipeline / bare tokens/s median "
+            f"{statistics.median(ratios):.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}); engine start "
+            f"difference median {statistics.median(starts):+.1f} s "
+            f"(range {starts[0]:+.1f} to {starts[-1]:+.1f})"
+        )
+        print("the table and the lines below are the last pair")
     with_start = (pipe["tokens"] / pipe["wall_s"]) / (bare["tokens"] / bare["wall_s"])
     print(f"\npipeline / bare vLLM, generation:            {speed(pipe) / speed(bare):.2f}x (goal >= 0.95)")
     print(
