@@ -167,13 +167,24 @@ def _read_part(
     except (pa.ArrowException, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise fail(f"{part} is not a readable Parquet file (truncated or corrupted?): {reason}") from exc
-    return pa.Table.from_arrays([table.column(f.name) for f in schema], schema=schema)
+    return pa.Table.from_arrays([_column(table, f) for f in schema], schema=schema)
+
+
+def _column(table: pa.Table, field: pa.Field) -> pa.ChunkedArray | pa.Array:
+    """``field``'s column of ``table``; nulls for a nullable column the part predates."""
+    if field.name in table.column_names:
+        return table.column(field.name)
+    return pa.nulls(table.num_rows, field.type)
 
 
 def schema_difference(found: pa.Schema, expected: pa.Schema) -> str:
-    """Describe how ``found`` differs from ``expected`` in column names and types ('' when it does not)."""
+    """Describe how ``found`` differs from ``expected`` in column names and types ('' when it does not).
+
+    A nullable column ``found`` lacks is no difference: a version written before the column was added to
+    its kind reads it as nulls.
+    """
     problems = []
-    missing = [f.name for f in expected if f.name not in found.names]
+    missing = [f.name for f in expected if f.name not in found.names and not f.nullable]
     extra = [f.name for f in found if f.name not in expected.names]
     if missing:
         problems.append(f"missing column(s) {', '.join(missing)}")

@@ -212,6 +212,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("ci_low", pa.float64()),
             pa.field("ci_high", pa.float64()),
             pa.field("n", pa.int64(), nullable=False),
+            # The evaluated model's training round: 0 the base model, k a checkpoint trained on round-k
+            # data (tasks/policy.py), null a checkpoint trained elsewhere (or a version from before).
+            pa.field("round", pa.int32()),
         ]
     ),
     # The α study (flows/study.py): the reference and one row per α and mode, seeds pooled.

@@ -112,5 +112,13 @@ def round_of(store: DatasetStore, ref: DatasetRef) -> int:
     return int((settings.get("policy") or {}).get("round") or 1)
 
 
+def model_round(store: DatasetStore, trained_by: DatasetRef | None) -> int | None:
+    """The round of an evaluated model: 0 for the base model (``trained_by`` None), the round of the data a
+    ``train_metrics`` dataset trained on, None for a checkpoint not trained in this workspace."""
+    if trained_by is None:
+        return 0
+    return round_of(store, trained_by) if trained_by.kind == "train_metrics" else None
+
+
 def _round_after(store: DatasetStore, train_metrics: DatasetRef | None) -> int:
     return 1 if train_metrics is None else round_of(store, train_metrics) + 1

@@ -23,7 +23,7 @@ from pipeline.reporting.stage_timing import note_engine_start, timed_stage
 from storage import DatasetRef, DatasetStore, schema_for, version_key
 from storage.lineage import ancestors_of_kind
 from tasks.orchestration import GPU_TAG, HOUR, TRANSIENT_RETRIES
-from tasks.policy import policy_model, reference_model, round_tag
+from tasks.policy import model_round, policy_model, reference_model, round_tag
 
 
 class EvalModel(BaseModel):
@@ -488,14 +488,18 @@ def evaluate_task(
     """
     from pipeline.evaluation.stage import EvalTarget, generate_eval_rows, run_evaluation
 
+    store = _store(config)
     targets = [
-        EvalTarget("reference", resolve_model_path(config.model), model_identity(config.model)),
-        EvalTarget("trained", checkpoint, checkpoint, (parent,)),
-        *[EvalTarget(b.label, b.checkpoint, b.checkpoint, (b.parent,)) for b in baselines or []],
+        EvalTarget("reference", resolve_model_path(config.model), model_identity(config.model), round=0),
+        EvalTarget("trained", checkpoint, checkpoint, (parent,), model_round(store, parent)),
+        *[
+            EvalTarget(b.label, b.checkpoint, b.checkpoint, (b.parent,), model_round(store, b.parent))
+            for b in baselines or []
+        ],
     ]
     # Engine and scorers in a child process: their memory leaves with it (pipeline/isolation.py).
     generate = isolated(generate_eval_rows, callbacks=("on_event",))
-    with timed_stage(_store(config).workspace, _flow_run_id(), "evaluation"):  # the stage-timing table
+    with timed_stage(store.workspace, _flow_run_id(), "evaluation"):  # the stage-timing table
         results, _ = run_evaluation(
             config, prompts, targets, flow_run_id=_flow_run_id(), logger=get_run_logger(), generate=generate
         )

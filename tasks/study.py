@@ -17,6 +17,7 @@ from pipeline.models import model_identity, resolve_model_path
 from pipeline.reporting.stage_timing import timed_stage
 from storage import DatasetRef, DatasetStore
 from tasks.orchestration import GPU_TAG, TRANSIENT_RETRIES
+from tasks.policy import model_round
 from tasks.stages import EvalModel, _flow_run_id
 
 
@@ -30,12 +31,15 @@ def evaluate_arms_task(
     """
     from pipeline.evaluation.stage import EvalTarget, generate_eval_rows, run_evaluation
 
+    store = DatasetStore(config.workspace)
     targets = [
-        EvalTarget("reference", resolve_model_path(config.model), model_identity(config.model)),
-        *[EvalTarget(a.label, a.checkpoint, a.checkpoint, (a.parent,)) for a in arms],
+        EvalTarget("reference", resolve_model_path(config.model), model_identity(config.model), round=0),
+        *[
+            EvalTarget(a.label, a.checkpoint, a.checkpoint, (a.parent,), model_round(store, a.parent))
+            for a in arms
+        ],
     ]
     generate = isolated(generate_eval_rows, callbacks=("on_event",))  # the engine's memory leaves with it
-    store = DatasetStore(config.workspace)
     with timed_stage(store.workspace, _flow_run_id(), "evaluation"):
         return run_evaluation(
             config, prompts, targets, flow_run_id=_flow_run_id(), logger=get_run_logger(), generate=generate

@@ -193,17 +193,32 @@ def compare(
     ] = None,
     workspace: WorkspaceOpt = Path("workspace"),
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Also write OUTPUT.md and OUTPUT.png.")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Also write OUTPUT.md and OUTPUT.png (and OUTPUT-rounds.png, the score per training "
+            "round, when the models span more than one round).",
+        ),
     ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Compare evaluations: every model and mode with 95% intervals, as a Markdown table (and a PNG).
 
+    The table has a round column (the training round of each model, 0 for the base model) when the
+    compared models span more than one round, e.g. one evaluation per round of recurring refreshes.
+
     Examples:
       bvpo compare
       bvpo compare eval_results__v1 eval_results__v2 --output reports/v1-vs-v2
     """
-    from pipeline.evaluation.report import comparison_markdown, merge_runs, write_comparison_report
+    from pipeline.evaluation.report import (
+        comparison_markdown,
+        merge_runs,
+        rounds_chart_path,
+        rounds_compared,
+        write_comparison_report,
+    )
     from storage import DatasetStore
 
     try:
@@ -218,7 +233,8 @@ def compare(
             markdown, chart = write_comparison_report(
                 rows, output, title="Comparison of " + ", ".join(r.name for r in refs)
             )
-            console.print(f"wrote {markdown} and {chart}", markup=False)
+            by_round = f" and {rounds_chart_path(output)}" if len(rounds_compared(rows)) > 1 else ""
+            console.print(f"wrote {markdown}, {chart}{by_round}", markup=False)
     except Exception as exc:
         fail(exc, debug)
 

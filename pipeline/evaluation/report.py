@@ -20,17 +20,33 @@ PROSE_METRICS = frozenset({"mde_vs_reference"})  # stated in a sentence (power_l
 
 
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per (model, mode); one column per metric, as ``value [low, high]``."""
+    """One row per (model, mode); one column per metric, as ``value [low, high]``.
+
+    When the models span more than one training round (:func:`rounds_compared`) a ``round`` column
+    follows the model's.
+    """
     present = {r["metric"] for r in rows} - PROSE_METRICS
     metrics = [m for m in REPORT_METRICS if m in present] + sorted(present - set(REPORT_METRICS))
     cells: dict[tuple[str, str], dict[str, str]] = {}
+    rounds: dict[str, str] = {}
     for r in rows:
         if r["metric"] in metrics:
             cells.setdefault((r["model_label"], r["mode"]), {})[r["metric"]] = _cell(r)
-    lines = ["| model | mode | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+            rounds[r["model_label"]] = "-" if r.get("round") is None else str(r["round"])
+    keys = ["model", *(["round"] if len(rounds_compared(rows)) > 1 else []), "mode"]
+    lines = ["| " + " | ".join([*keys, *metrics]) + " |", "|" + "---|" * (len(keys) + len(metrics))]
     for (label, mode), values in sorted(cells.items()):
-        lines.append(f"| {label} | {mode} | " + " | ".join(values.get(m, "-") for m in metrics) + " |")
+        lead = {"model": label, "round": rounds[label], "mode": mode}
+        lines.append(
+            "| " + " | ".join([*(lead[k] for k in keys), *(values.get(m, "-") for m in metrics)]) + " |"
+        )
     return "\n".join(lines)
+
+
+def rounds_compared(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The training rounds of the trained models among ``rows`` (the base model's round 0 and unknown
+    rounds left out), sorted."""
+    return sorted({int(r["round"]) for r in rows if r.get("round")})
 
 
 def power_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -98,11 +114,66 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, metric: str = "
     return path
 
 
+def rounds_chart(rows: Sequence[dict[str, Any]], path: Path, metric: str = "score") -> Path:
+    """``metric`` against the training round, one panel per mode, one series per model label (without
+    the ``<run>/`` prefix of :func:`merge_runs`), with the rows' 95% intervals as error bars.
+
+    Round 0 is the base model (the reference of each evaluation); rows of unknown round are left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = sorted(
+        (r for r in rows if r["metric"] == metric and r.get("round") is not None), key=lambda r: r["round"]
+    )
+    modes = sorted({r["mode"] for r in selected}) or [""]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        series: dict[str, list[dict[str, Any]]] = {}
+        for r in selected:
+            if r["mode"] == mode:
+                series.setdefault(r["model_label"].rsplit("/", 1)[-1], []).append(r)
+        for label, points in sorted(series.items()):
+            xs = [int(r["round"]) for r in points]
+            errors = list(zip(*(_errors(r) for r in points), strict=True))
+            style = "o-" if len(set(xs)) == len(xs) else "o"  # a line only through distinct rounds
+            ax.errorbar(xs, [r["value"] for r in points], yerr=errors, fmt=style, capsize=4, label=label)
+        ax.set_xticks(sorted({int(r["round"]) for r in selected}))
+        ax.set_xlabel("training round (0: the base model)")
+        ax.set_title(f"mode {mode}")
+        ax.legend()
+    axes[0][0].set_ylabel(f"{metric} (95% bootstrap interval)")
+    fig.suptitle(f"{metric} per training round")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _errors(row: dict[str, Any]) -> tuple[float, float]:
+    """Distances from a row's value down to ``ci_low`` and up to ``ci_high`` (0 where there is none)."""
+    value, low, high = float(row["value"]), row.get("ci_low"), row.get("ci_high")
+    return (0.0 if low is None else value - low, 0.0 if high is None else high - value)
+
+
+def rounds_chart_path(stem: Path) -> Path:
+    """Where :func:`write_comparison_report` puts the score-per-round chart of ``stem``."""
+    return stem.with_name(f"{stem.name}-rounds.png")
+
+
 def write_comparison_report(
     rows: Sequence[dict[str, Any]], stem: Path, title: str = "Evaluation"
 ) -> tuple[Path, Path]:
-    """Write ``<stem>.md`` (table, model list, chart link) and ``<stem>.png``; return both paths."""
+    """Write ``<stem>.md`` (table, model list, chart link) and ``<stem>.png``; return both paths.
+
+    When the models span more than one training round, also ``<stem>-rounds.png`` (:func:`rounds_chart`),
+    linked from the Markdown.
+    """
     chart = comparison_chart(rows, stem.with_suffix(".png"))
+    by_round = rounds_chart(rows, rounds_chart_path(stem)) if len(rounds_compared(rows)) > 1 else None
     models = sorted({(r["model_label"], r["model"]) for r in rows})
     lines = [
         f"# {title}",
@@ -120,6 +191,7 @@ def write_comparison_report(
         "",
         f"![score by model and mode]({chart.name})",
         "",
+        *([f"![score per training round]({by_round.name})", ""] if by_round else []),
     ]
     markdown = stem.with_suffix(".md")
     markdown.write_text("\n".join(lines))

@@ -30,13 +30,15 @@ _LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalTarget:
-    """One model to evaluate: its label in the results, the folder to load, the name recorded for it, and
-    the datasets it comes from (a trained model's ``train_metrics``)."""
+    """One model to evaluate: its label in the results, the folder to load, the name recorded for it, the
+    datasets it comes from (a trained model's ``train_metrics``) and its training round (0: the base
+    model; None: unknown), recorded in every ``eval_results`` row of the model."""
 
     label: str
     path: str
     identity: str
     parents: tuple[DatasetRef, ...] = field(default_factory=tuple)
+    round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,8 @@ def run_evaluation(
     if found is not None:
         return found, refs
     all_rows = [row for ref in ordered for row in store.read_rows(ref)]
-    results = summarize_rows(config, all_rows, by_id, log)
+    rounds = {t.label: t.round for t in targets}
+    results = [{**r, "round": rounds[r["model_label"]]} for r in summarize_rows(config, all_rows, by_id, log)]
     ref = register(
         store, "eval_results", results, [],
         config=eval_settings, parents=ordered, flow_run_id=flow_run_id, logger=log,
