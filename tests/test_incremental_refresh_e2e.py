@@ -1,17 +1,22 @@
-"""Recurring refreshes end to end on configs/tiny.yaml, through real vLLM and a real (temporary) Prefect API.
+"""Recurring refreshes end to end on configs/tiny.yaml: real vLLM, a real Prefect server and `bvpo serve`.
 
-One workspace, one sequence of flow runs (module fixture, so the engines start only where the product
-needs them); the deployments data-refresh, train-bvpo and evaluate are registered with their triggers:
+One workspace, one sequence of flow runs (module fixture). `bvpo server` and `bvpo serve` run as processes
+(tests/prefect_stack.py), the data-refresh deployment on a schedule of every 30 seconds that the test pauses
+between the runs it wants (the server's scheduler is made to look every 2 s and to keep one future run):
 
-1. ``data_refresh`` (a plain call) with ``refresh.incremental`` on a JSONL source of 6 prompts;
-2. 4 train-split prompts appended, a run of the ``data-refresh`` deployment: only the new train prompts
-   are generated (rows and shards counted), D_t and D_e are the previous versions plus the new pairs,
-   nothing twice; it announces its new pairs, the automation creates one ``train-bvpo`` run, executed here
-   as ``bvpo serve`` would (its data_refresh subflow reuses everything), and its completion creates an
-   ``evaluate`` run (not executed: the evaluation has its own e2e tests);
-3. another ``data-refresh`` deployment run with nothing new: nothing registered, no training started;
-4. ``data_refresh`` with ``generation.policy: latest``: round 2, sampled from round 1's checkpoint.
+1. ``data_refresh`` (a plain call, in this process) with ``refresh.incremental`` on a JSONL source of
+   6 prompts;
+2. 4 train-split prompts appended, the next **scheduled** run of ``data-refresh``: only the new train
+   prompts are generated (rows and shards counted), D_t and D_e are the previous versions plus the new
+   pairs, nothing twice; it announces its new pairs, the automation creates one ``train-bvpo`` run, which
+   `bvpo serve` executes (its data_refresh subflow reuses everything), and its completion creates an
+   ``evaluate`` run, executed there too (each eval_results row carries its model's round);
+3. the schedule resumed for one more scheduled ``data-refresh`` run, with nothing new: nothing registered,
+   no training started;
+4. ``data_refresh`` (in this process) with ``generation.policy: latest``: round 2, sampled from round 1's
+   checkpoint;
 
+then both processes are stopped and none of the stack's processes may be left.
 The fast tests (tests/test_incremental_refresh.py) cover the bad input, the lock and round 2's training.
 """
 
@@ -22,18 +27,29 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.prompts.builtin import build_builtin_prompts
 from storage import DatasetStore
+from tests.prefect_stack import (
+    FAST_SCHEDULER,
+    TINY,
+    Stack,
+    api_client,
+    runs_of,
+    table_artifact,
+    wait_final,
+    wait_for_deployments,
+)
 from tests.reliability_helpers import catalog_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[1]
 FIRST, APPENDED, SHARD = 6, 4, 4
+EVERY_30_S = "* * * * * */30"  # croniter's optional sixth field: seconds
 
 
 def _append(path: Path, records: list[Any]) -> None:
@@ -57,29 +73,10 @@ def _instruction_prompts() -> list[Any]:
     return first + [r for r in rest if r.split == "train"][:APPENDED]
 
 
-def _deployment_run(deployment_id: Any, flow: Any, config: PipelineConfig) -> Any:
-    """A run of the deployment, executed in this process the way a serving Runner executes it."""
-    from prefect.deployments import run_deployment
-    from prefect.flow_engine import run_flow
-
-    run = run_deployment(deployment_id, parameters={"config": config.model_dump(mode="json")}, timeout=0)
-    return run_flow(flow, flow_run=run, parameters=run.parameters)
-
-
-def _runs_of(deployment_id: Any) -> list[Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
-        )
-
-
-def _wait_for_runs(deployment_id: Any, count: int, timeout_s: float = 120.0) -> list[Any]:
+def _wait_for_runs(client: Any, deployment_id: UUID, count: int, timeout_s: float = 120.0) -> list[Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        runs = _runs_of(deployment_id)
+        runs = runs_of(client, deployment_id)
         if len(runs) >= count:
             return runs
         time.sleep(1.0)
@@ -88,20 +85,48 @@ def _wait_for_runs(deployment_id: Any, count: int, timeout_s: float = 120.0) -> 
     )
 
 
+def _next_scheduled_run(client: Any, stack: Stack, deployment_id: UUID, timeout_s: float = 120.0) -> Any:
+    """Resume the deployment's schedule until the scheduler's next run of it starts, pause it again (the
+    run after is 30 s away, and pausing deletes it), then wait for the started run to complete."""
+    seen = {r.id for r in runs_of(client, deployment_id)}
+    client.resume_deployment(deployment_id)
+    deadline = time.monotonic() + timeout_s
+    started: list[Any] = []
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.5)
+        fresh = [r for r in runs_of(client, deployment_id) if r.id not in seen]
+        started = [r for r in fresh if r.state is not None and not r.state.is_scheduled()]
+    client.pause_deployment(deployment_id)
+    assert len(started) == 1, f"expected one scheduled run to start in {timeout_s:.0f} s, got {started}"
+    return wait_final(client, started[0].id, stack)
+
+
+def _refresh_output(client: Any, store: DatasetStore, run_id: UUID) -> Any:
+    """What a data-refresh run returned, from its datasets artifact (the run executed in `bvpo serve`)."""
+    from flows.pipeline import DataRefreshOutput
+
+    rows = table_artifact(client, run_id, "data-refresh-datasets")
+    return DataRefreshOutput(**{row["kind"]: store.catalog.resolve(row["dataset"]) for row in rows})
+
+
+def _train_output(client: Any, store: DatasetStore, run_id: UUID) -> Any:
+    """The checkpoint a train-bvpo run recorded (artifact ``bvpo-checkpoint``) and its train_metrics."""
+    from tasks.stages import TrainOutput
+
+    (row,) = table_artifact(client, run_id, "bvpo-checkpoint")
+    return TrainOutput(metrics=store.catalog.resolve(row["train_metrics"]), checkpoint=row["checkpoint"])
+
+
 @pytest.fixture(scope="module")
 def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from prefect.flow_engine import run_flow
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.deployments import DATA_REFRESH, EVALUATE, TRAIN, ServeOptions, build_deployments
-    from flows.pipeline import data_refresh, train_bvpo
+    from flows.deployments import DATA_REFRESH, EVALUATE, TRAIN
+    from flows.pipeline import data_refresh
 
     root = tmp_path_factory.mktemp("incremental")
     source = root / "prompts.jsonl"
     records = _instruction_prompts()
     _append(source, records[:FIRST])
     overrides = [
-        f"workspace={root / 'ws'}",
         f"prompts.source={source}",
         "prompts.num_prompts=1000",
         "refresh.incremental=true",
@@ -110,9 +135,12 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "pairing.allow_cut_chosen=true",  # more pairs from few prompts (48-token answers are often cut)
         "train.max_steps=1",
         "eval.baselines=false",
+        "eval.bootstrap_samples=50",
     ]
-    config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    latest = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "generation.policy=latest"])
+    stack = Stack(root, overrides, env=FAST_SCHEDULER)
+    config = stack.config
+    latest = load_config(TINY, [*stack.overrides, "generation.policy=latest"])
+    store = DatasetStore(config.workspace)
     out: dict[str, Any] = {"config": config, "latest": latest, "seconds": {}}
 
     def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -121,24 +149,33 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         out["seconds"][name] = round(time.perf_counter() - started, 1)
         return result
 
-    with prefect_test_harness(server_startup_timeout=120):
-        deployments = {d.name: d for d in build_deployments(config, ServeOptions(refresh_cron=None))}
-        ids = {name: deployments[name].apply() for name in (DATA_REFRESH, TRAIN, EVALUATE)}
-        out["ids"] = ids
-        out["first"] = timed("first", data_refresh, config)  # a plain call announces nothing
-        _append(source, records[FIRST:])
-        out["second"] = timed("second", _deployment_run, ids[DATA_REFRESH], data_refresh, config)
-        (train_run,) = _wait_for_runs(ids[TRAIN], 1)
-        out["train_run"] = train_run
-        out["train1"] = timed(
-            "train1", run_flow, train_bvpo, flow_run=train_run, parameters=train_run.parameters
-        )
-        out["eval_runs"] = _wait_for_runs(ids[EVALUATE], 1)
-        out["catalog_before_third"] = catalog_rows(config.workspace)
-        out["third"] = timed("third", _deployment_run, ids[DATA_REFRESH], data_refresh, config)
-        out["catalog_after_third"] = catalog_rows(config.workspace)
-        out["round2"] = timed("round2", data_refresh, latest)  # gives the trigger time to (not) fire
-        out["train_runs"] = _runs_of(ids[TRAIN])
+    try:
+        timed("server", stack.start_server)
+        with stack.api(), api_client() as client:
+            out["first"] = timed("first", data_refresh, config)  # a plain call announces nothing
+            _append(source, records[FIRST:])
+            stack.start_serve("--cron", EVERY_30_S)
+            timed("serve", wait_for_deployments, client, stack)
+            ids = {name: client.read_deployment_by_name(f"{flow}/{name}").id for flow, name in (
+                ("data_refresh", DATA_REFRESH), ("train_bvpo", TRAIN), ("evaluate", EVALUATE)
+            )}  # fmt: skip
+            out["ids"] = ids
+            second = timed("second (scheduled)", _next_scheduled_run, client, stack, ids[DATA_REFRESH])
+            out["second_run"], out["second"] = second, _refresh_output(client, store, second.id)
+            (train_run,) = _wait_for_runs(client, ids[TRAIN], 1)
+            out["train_run"] = timed("train1", wait_final, client, train_run.id, stack)
+            out["train1"] = _train_output(client, store, train_run.id)
+            out["eval_runs"] = _wait_for_runs(client, ids[EVALUATE], 1)
+            out["eval_run"] = timed("evaluate", wait_final, client, out["eval_runs"][0].id, stack)
+            out["catalog_before_third"] = catalog_rows(config.workspace)
+            third = timed("third (scheduled)", _next_scheduled_run, client, stack, ids[DATA_REFRESH])
+            out["third_run"], out["third"] = third, _refresh_output(client, store, third.id)
+            out["catalog_after_third"] = catalog_rows(config.workspace)
+            out["round2"] = timed("round2", data_refresh, latest)  # gives the trigger time to (not) fire
+            out["train_runs"] = runs_of(client, ids[TRAIN])
+            out["refresh_runs"] = runs_of(client, ids[DATA_REFRESH])
+    finally:
+        out["left_over"] = stack.stop()
     print(f"incremental e2e flow times (s): {out['seconds']}")
     return out
 
@@ -194,6 +231,14 @@ def test_the_pairs_grow_by_the_new_pairs_and_hold_none_twice(rounds: dict[str, A
     )
 
 
+def test_the_refreshes_were_created_by_the_schedule(rounds: dict[str, Any]) -> None:
+    runs = rounds["refresh_runs"]
+    assert [r.id for r in runs] == [rounds["second_run"].id, rounds["third_run"].id]  # paused in between
+    for run in runs:
+        assert run.created_by is not None and run.created_by.type == "SCHEDULE", run.created_by
+        assert run.auto_scheduled and run.state.is_completed()
+
+
 def test_a_refresh_with_nothing_new_registers_nothing(rounds: dict[str, Any]) -> None:
     second, third = rounds["second"], rounds["third"]
     assert rounds["catalog_after_third"] == rounds["catalog_before_third"]
@@ -203,14 +248,36 @@ def test_a_refresh_with_nothing_new_registers_nothing(rounds: dict[str, Any]) ->
         second.pairs_empty,
         second.ref_logps,
     )
+    assert third.generations is None  # nothing generated: no new train prompts
 
 
 def test_the_refresh_with_new_pairs_started_one_training_and_its_evaluation(rounds: dict[str, Any]) -> None:
-    train_run = rounds["train_run"]
+    train_run, eval_run = rounds["train_run"], rounds["eval_run"]
     assert [r.id for r in rounds["train_runs"]] == [train_run.id]  # once: not again for nothing new
+    assert train_run.created_by is not None and train_run.created_by.type == "AUTOMATION"
+    assert train_run.parameters["config"] == rounds["second_run"].parameters["config"]
     assert train_run.parameters["config"]["refresh"]["incremental"] is True
-    (eval_run,) = rounds["eval_runs"]
+    assert [r.id for r in rounds["eval_runs"]] == [eval_run.id]
+    assert eval_run.created_by is not None and eval_run.created_by.type == "AUTOMATION"
     assert eval_run.parameters["train_run_id"] == str(train_run.id)
+
+
+def test_the_evaluation_reports_the_round_of_each_model(rounds: dict[str, Any]) -> None:
+    store = DatasetStore(rounds["config"].workspace)
+    (results,) = [
+        store.catalog.resolve(d["name"])
+        for d in store.catalog.list_datasets()
+        if d["kind"] == "eval_results" and d["flow_run_id"] == str(rounds["eval_run"].id)
+    ]
+    assert rounds["train1"].metrics.qualified in {n.qualified for _, n, _ in store.catalog.lineage(results)}
+    assert {(r["model_label"], r["round"]) for r in store.read_rows(results)} == {
+        ("reference", 0),
+        ("trained", 1),
+    }
+
+
+def test_no_process_of_the_stack_outlives_it(rounds: dict[str, Any]) -> None:
+    assert rounds["left_over"] == []
 
 
 def test_training_reads_the_grown_pairs(rounds: dict[str, Any]) -> None:

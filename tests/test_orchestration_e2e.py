@@ -13,12 +13,6 @@ One served stack and one workspace (configs/tiny.yaml) for the whole module:
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,156 +23,39 @@ from uuid import UUID
 import httpx
 import pytest
 
-from pipeline.config import PipelineConfig, load_config
 from storage import DatasetStore
 from tasks.orchestration import GPU_TAG
+from tests.prefect_stack import (
+    RUN_TIMEOUT_S,
+    Stack,
+    api_client,
+    artifact,
+    create_run,
+    runs_of,
+    table_artifact,
+    wait_final,
+    wait_for_deployments,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[1]
-BVPO = str(Path(sys.executable).with_name("bvpo"))
-AUTH = "bvpo:e2e-secret"
-RUN_TIMEOUT_S = 1500  # generous: these machines' cores are shared
 DATA_KINDS = ("prompts", "generations", "scores", "pairs_trace", "pairs_empty", "ref_logps")
 SIDE_KINDS = ("rejects", "logp_agreement")  # registered beside a stage's output, not as one
 OVERRIDES = ["eval.bootstrap_samples=50", "train.max_steps=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    """Signal the process group of a process this module started (each runs in its own session)."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-class Stack:
-    """A Prefect server (`bvpo server`, basic auth on) and a `bvpo serve` process, both on localhost."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workspace = tmp / "workspace"
-        self.serve_log = tmp / "serve.log"
-        self.env = {
-            **os.environ,
-            "PREFECT_HOME": str(tmp / "prefect-home"),
-            "PREFECT_SERVER_API_AUTH_STRING": AUTH,
-            "PREFECT_API_AUTH_STRING": AUTH,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        }
-        self.env.pop("PREFECT_API_URL", None)
-        self.server: subprocess.Popen[bytes] | None = None
-        self.serving: subprocess.Popen[bytes] | None = None
-
-    @property
-    def config(self) -> PipelineConfig:
-        return load_config(ROOT / "configs" / "tiny.yaml", [f"workspace={self.workspace}", *OVERRIDES])
-
-    def start_server(self) -> None:
-        with (self.tmp / "server.log").open("ab") as log:
-            self.server = subprocess.Popen(
-                [BVPO, "server", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.server.poll() is None, (self.tmp / "server.log").read_text()
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the Prefect server did not become healthy")
-
-    def start_serve(self, *options: str) -> None:
-        sets = [item for s in [f"workspace={self.workspace}", *OVERRIDES] for item in ("-s", s)]
-        with self.serve_log.open("ab") as log:
-            self.serving = subprocess.Popen(
-                [BVPO, "serve", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets, *options],
-                cwd=ROOT,
-                env={**self.env, "PREFECT_API_URL": f"{self.url}/api"},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill_serve(self) -> None:
-        """What a crash does: the serving process and every flow-run process under it die at once."""
-        _stop(self.serving, signal.SIGKILL)
-
-    def stop(self) -> None:
-        _stop(self.serving)
-        _stop(self.server)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    stack = Stack(tmp_path_factory.mktemp("orchestration"))
+    stack = Stack(tmp_path_factory.mktemp("orchestration"), OVERRIDES)
     try:
         stack.start_server()
-        with temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}):
+        with stack.api():
             stack.start_serve()
-            with _client() as client:
-                _wait_for_deployments(client, stack)
+            with api_client() as client:
+                wait_for_deployments(client, stack)
             yield stack
     finally:
         stack.stop()
-
-
-def _client() -> Any:
-    from prefect.client.orchestration import get_client
-
-    return get_client(sync_client=True)
-
-
-def _wait_for_deployments(client: Any, stack: Stack, timeout_s: float = 180) -> None:
-    from prefect.exceptions import ObjectNotFound
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert stack.serving is not None and stack.serving.poll() is None, stack.serve_log.read_text()
-        try:
-            client.read_deployment_by_name("bvpo_pipeline/bvpo-pipeline")
-            return
-        except ObjectNotFound:
-            time.sleep(1)
-    raise TimeoutError("bvpo serve did not register its deployments")
-
-
-def _create_run(client: Any, deployment: str, parameters: dict[str, Any] | None = None) -> Any:
-    """Create a flow run of a deployment the way the UI's Run button does."""
-    found = client.read_deployment_by_name(deployment)
-    return client.create_flow_run_from_deployment(found.id, parameters=parameters or {})
-
-
-def _wait_final(client: Any, run_id: UUID, stack: Stack, timeout_s: float = RUN_TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(run_id)
-        if run.state is not None and run.state.is_final():
-            assert run.state.is_completed(), f"{run.name}: {run.state}\n{stack.serve_log.read_text()[-6000:]}"
-            return run
-        time.sleep(1)
-    raise TimeoutError(f"flow run {run_id} did not finish in {timeout_s} s")
 
 
 def _wait_for_task(client: Any, run_id: UUID, prefix: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
@@ -196,17 +73,6 @@ def _wait_for_task(client: Any, run_id: UUID, prefix: str, timeout_s: float = RU
     raise TimeoutError(f"task '{prefix}' of {run_id} never ran")
 
 
-def _artifact(client: Any, run_id: UUID, key: str) -> Any:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    (found,) = client.read_artifacts(
-        artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
-        )
-    )
-    return found.data
-
-
 def _datasets(stack: Stack) -> list[dict[str, Any]]:
     return DatasetStore(stack.workspace).catalog.list_datasets()
 
@@ -214,15 +80,10 @@ def _datasets(stack: Stack) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def refresh(stack: Stack) -> dict[str, Any]:
     """Kill a data-refresh run mid-flow, restart serving, rerun it, then run it once more."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
     timings: dict[str, float] = {}
-    with (
-        temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}),
-        _client() as client,
-    ):
+    with stack.api(), api_client() as client:
         start = time.monotonic()
-        killed = _create_run(client, "data_refresh/data-refresh")
+        killed = create_run(client, "data_refresh/data-refresh")
         _wait_for_task(client, killed.id, "reference-logps")
         stack.kill_serve()
         killed_at = time.monotonic()
@@ -231,15 +92,15 @@ def refresh(stack: Stack) -> dict[str, Any]:
         # The dead run held the GPU slot; its lease would lapse in about a minute. Restarting with
         # --reset-gpu-slots frees it at once.
         stack.start_serve("--reset-gpu-slots")
-        _wait_for_deployments(client, stack)
+        wait_for_deployments(client, stack)
 
         start = time.monotonic()
-        rerun = _wait_final(client, _create_run(client, "data_refresh/data-refresh").id, stack)
+        rerun = wait_final(client, create_run(client, "data_refresh/data-refresh").id, stack)
         timings["rerun after restart"] = time.monotonic() - start
         after_rerun = _datasets(stack)
 
         start = time.monotonic()
-        again = _wait_final(client, _create_run(client, "data_refresh/data-refresh").id, stack)
+        again = wait_final(client, create_run(client, "data_refresh/data-refresh").id, stack)
         timings["second identical run"] = time.monotonic() - start
         return {
             "killed": killed,
@@ -249,7 +110,7 @@ def refresh(stack: Stack) -> dict[str, Any]:
             "after_rerun": after_rerun,
             "again": again,
             "after_again": _datasets(stack),
-            "again_summary": _artifact(client, again.id, "data-refresh-summary"),
+            "again_summary": artifact(client, again.id, "data-refresh-summary"),
             "gpu_limit": client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit,
             "timings": timings,
         }
@@ -261,12 +122,7 @@ def test_server_ui_auth_and_served_forms(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/ui-settings", timeout=10).json()["api_url"] == f"{stack.url}/api"
     assert httpx.post(f"{stack.url}/api/deployments/filter", json={}, timeout=10).status_code == 401
     assert f"Prefect UI: {stack.url}" in stack.serve_log.read_text()
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    with (
-        temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}),
-        _client() as client,
-    ):
+    with stack.api(), api_client() as client:
         refresh = client.read_deployment_by_name("data_refresh/data-refresh")
         assert refresh.schedules and refresh.schedules[0].schedule.cron == "0 3 * * *"
         evaluate = client.read_deployment_by_name("evaluate/evaluate")
@@ -325,29 +181,21 @@ def test_second_identical_refresh_reuses_every_dataset(refresh: dict[str, Any]) 
 @pytest.fixture(scope="module")
 def trained(stack: Stack, refresh: dict[str, Any]) -> dict[str, Any]:
     """A train-bvpo run with the deployment's default parameters, and the evaluate run it triggers."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    with (
-        temporary_settings(updates={PREFECT_API_URL: f"{stack.url}/api", PREFECT_API_AUTH_STRING: AUTH}),
-        _client() as client,
-    ):
+    with stack.api(), api_client() as client:
         start = time.monotonic()
-        train = _wait_final(client, _create_run(client, "train_bvpo/train-bvpo").id, stack)
+        train = wait_final(client, create_run(client, "train_bvpo/train-bvpo").id, stack)
         train_s = time.monotonic() - start
-        checkpoint = json.loads(_artifact(client, train.id, "bvpo-checkpoint"))[0]
+        checkpoint = table_artifact(client, train.id, "bvpo-checkpoint")[0]
         evaluate = client.read_deployment_by_name("evaluate/evaluate")
         deadline = time.monotonic() + 120
         triggered = []
         while not triggered and time.monotonic() < deadline:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[evaluate.id]))
-            )
+            runs = runs_of(client, evaluate.id)
             triggered = [r for r in runs if r.parameters.get("train_run_id") == str(train.id)]
             time.sleep(1)
         assert triggered, "no evaluate run was created when the train_bvpo run completed"
         (evaluation,) = triggered
-        evaluation = _wait_final(client, evaluation.id, stack)
+        evaluation = wait_final(client, evaluation.id, stack)
         eval_s = time.monotonic() - start - train_s
         killed = client.read_flow_run(refresh["killed"].id)
         deadline = refresh["killed_at"] + 180  # 3 missed 30 s heartbeats, and the server's evaluation loop
