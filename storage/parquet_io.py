@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.lakefs import LakeFS
+from storage.schemas import may_be_missing
 
 ROWS_PER_PART = 100_000
 STAGING_PREFIX = ".tmp-"
@@ -171,7 +172,7 @@ def _read_part(
 
 
 def _column(table: pa.Table, field: pa.Field) -> pa.ChunkedArray | pa.Array:
-    """``field``'s column of ``table``; nulls for a nullable column the part predates."""
+    """``field``'s column of ``table``; nulls for a column added to the kind after the part was written."""
     if field.name in table.column_names:
         return table.column(field.name)
     return pa.nulls(table.num_rows, field.type)
@@ -180,11 +181,11 @@ def _column(table: pa.Table, field: pa.Field) -> pa.ChunkedArray | pa.Array:
 def schema_difference(found: pa.Schema, expected: pa.Schema) -> str:
     """Describe how ``found`` differs from ``expected`` in column names and types ('' when it does not).
 
-    A nullable column ``found`` lacks is no difference: a version written before the column was added to
-    its kind reads it as nulls.
+    A column marked as added later (``schemas.added_later``) that ``found`` lacks is no difference: a version
+    written before the column existed reads it as nulls. Any other missing column is.
     """
     problems = []
-    missing = [f.name for f in expected if f.name not in found.names and not f.nullable]
+    missing = [f.name for f in expected if f.name not in found.names and not may_be_missing(f)]
     extra = [f.name for f in found if f.name not in expected.names]
     if missing:
         problems.append(f"missing column(s) {', '.join(missing)}")

@@ -74,6 +74,22 @@ _GENERATION_FIELDS = [
     pa.field("logprobs_mode", pa.string()),
 ]
 
+ADDED_LATER = b"bvpo.added_later"
+"""Field metadata key of a nullable column added to its kind after versions without it were written."""
+
+
+def added_later(field: pa.Field) -> pa.Field:
+    """``field`` marked as added later: a version written before it reads the column as nulls."""
+    if not field.nullable:
+        raise ValueError(f"a column added later must be nullable: {field.name}")
+    return field.with_metadata({ADDED_LATER: b"1"})
+
+
+def may_be_missing(field: pa.Field) -> bool:
+    """A column that older versions of its kind may lack (:func:`added_later`); any other must be there."""
+    return field.metadata is not None and ADDED_LATER in field.metadata
+
+
 _SCORE_FIELDS = [
     pa.field("generation_id", pa.string(), nullable=False),
     pa.field("prompt_id", pa.string(), nullable=False),
@@ -214,7 +230,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("n", pa.int64(), nullable=False),
             # The evaluated model's training round: 0 the base model, k a checkpoint trained on round-k
             # data (tasks/policy.py), null a checkpoint trained elsewhere (or a version from before).
-            pa.field("round", pa.int32()),
+            added_later(pa.field("round", pa.int32())),
         ]
     ),
     # The α study (flows/study.py): the reference and one row per α and mode, seeds pooled.

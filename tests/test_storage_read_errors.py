@@ -131,3 +131,27 @@ def test_schema_mismatch_missing_and_extra_columns(dataset: tuple[DatasetStore, 
         _read_error(store, ref)
         == "schema mismatch in part-00000.parquet: missing column(s) payload; unexpected column(s) extra"
     )
+
+
+def test_only_a_column_marked_added_later_may_be_missing_from_an_older_version(tmp_path: Path) -> None:
+    """An older eval_results part without ``round`` (added later) reads it as nulls; one without a
+    nullable column that was always there (``ci_low``) is damaged and fails with the column named."""
+    from storage.schemas import may_be_missing, schema_for
+
+    assert [f.name for f in schema_for("eval_results") if may_be_missing(f)] == ["round"]
+    store = DatasetStore(tmp_path)
+    row = {
+        "model_label": "reference", "model": "embedded", "mode": "trace", "metric": "score", "value": 0.5,
+        "ci_low": 0.4,
+        "ci_high": 0.6, "n": 3, "round": 0,
+    }  # fmt: skip
+    rows = pa.Table.from_pylist([row], schema=schema_for("eval_results"))
+    older = store.put("eval_results", rows, config={}, parents=[])
+    part = Path(older.path) / "part-00000.parquet"
+    pq.write_table(pq.read_table(part).drop(["round"]), part)
+    assert store.read_rows(older)[0]["round"] is None
+    damaged = store.put("eval_results", rows, config={"v": 2}, parents=[])
+    part = Path(damaged.path) / "part-00000.parquet"
+    pq.write_table(pq.read_table(part).drop(["ci_low"]), part)
+    with pytest.raises(DatasetReadError, match=r"missing column.*ci_low"):
+        store.read_rows(damaged)
