@@ -95,11 +95,19 @@ class Stack:
 
     @contextlib.contextmanager
     def api(self) -> Iterator[None]:
-        """Point this process's Prefect client (and flows run here) at the stack's API."""
+        """Point this process's Prefect client (and flows run here) at the stack's API.
+
+        On exit, while the stack's server still runs, the log and event workers that flows run here started
+        against it are drained: left holding items for a server that is then stopped, they would stall the
+        next ``prefect_test_harness`` (it drains every events worker on exit) and fail its tests.
+        """
         from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: f"{self.url}/api", PREFECT_API_AUTH_STRING: AUTH}):
-            yield
+            try:
+                yield
+            finally:
+                _drain_prefect_workers()
 
     def start_server(self) -> None:
         with (self.tmp / "server.log").open("ab") as log:
@@ -167,6 +175,28 @@ class Stack:
                 continue
             found.append(f"{proc.name} {command.strip()}")
         return found
+
+
+def _drain_prefect_workers() -> None:
+    """Deliver what this process's Prefect log and event workers still hold, then stop them."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result: Any = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
 
 
 def api_client() -> Any:
