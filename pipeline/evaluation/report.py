@@ -99,8 +99,9 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, metric: str = "
             row = next((r for r in selected if r["model_label"] == label and r["mode"] == mode), None)
             value = row["value"] if row else float("nan")
             values.append(value)
-            errors[0].append(value - row["ci_low"] if row and row["ci_low"] is not None else 0.0)
-            errors[1].append(row["ci_high"] - value if row and row["ci_high"] is not None else 0.0)
+            down, up = _errors(row) if row else (0.0, 0.0)
+            errors[0].append(down)
+            errors[1].append(up)
         positions = [m + i * width for m in range(len(modes))]
         ax.bar(positions, values, width, yerr=errors, capsize=4, label=label)
     ax.set_xticks([m + width * (len(labels) - 1) / 2 for m in range(len(modes))], modes)
