@@ -86,15 +86,17 @@ def _handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
                 fault = stub.next_fault()
                 if fault == "slow":
                     time.sleep(1.0)
-                if fault in ("429", "503", "400"):
-                    self._send(int(fault), {"error": f"fault {fault}"}, retry_after="0")
-                elif fault == "short":
-                    self._send(200, {"choices": _choices(stub, body)[:1]})
-                else:
-                    self._send(200, {"choices": _choices(stub, body)})
             finally:
+                # Out of flight before the reply is written: once the client has read it, it may send its
+                # next request at once, which must not be counted together with this finished one.
                 with stub.lock:
                     stub.in_flight -= 1
+            if fault in ("429", "503", "400"):
+                self._send(int(fault), {"error": f"fault {fault}"}, retry_after="0")
+            elif fault == "short":
+                self._send(200, {"choices": _choices(stub, body)[:1]})
+            else:
+                self._send(200, {"choices": _choices(stub, body)})
 
         def _send(self, status: int, payload: dict[str, Any], retry_after: str | None = None) -> None:
             data = json.dumps(payload).encode()
