@@ -99,6 +99,13 @@ class GenerationConfig(_Section):
         "per rank for its scheduler; or a list such as '0-7' ('|' between tensor-parallel ranks). An "
         "existing VLLM_CPU_OMP_THREADS_BIND variable wins.",
     )
+    cpu_single_process: bool = Field(
+        True,
+        description="CPU only, tensor_parallel_size 1: run vLLM's engine core and its model worker inside "
+        "the generation process (VLLM_ENABLE_V1_MULTIPROCESSING=0 and the uniprocess executor) instead of "
+        "two more spawned processes that each import vLLM again: the engine is ready in about 24 s instead "
+        "of 53 s on a 2-core machine, at the same tokens/s. False: vLLM's own process layout.",
+    )
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start, CPU-friendly).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -335,6 +336,47 @@ def test_generation_config_engine_settings_and_fingerprint() -> None:
     with pytest.raises(ValidationError):
         GenerationConfig(shard_size=0)
     assert PipelineConfig().generation.engine == "vllm"
+
+
+ENGINE_ENV = (
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+)
+
+
+@pytest.mark.parametrize(
+    ("settings", "single"),
+    [({}, True), ({"tensor_parallel_size": 2}, False), ({"cpu_single_process": False}, False)],
+)
+def test_a_one_rank_cpu_engine_runs_in_the_generation_process(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, object], single: bool
+) -> None:
+    import sys
+    import types
+
+    import pipeline.generation.engine as engine_module
+    from pipeline.generation.engine import open_vllm_engine
+
+    for name in ENGINE_ENV:  # restored after the test: the engine writes them for its own process
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(engine_module, "on_gpu", lambda: False)
+    created: list[dict[str, object]] = []
+    seen_env: list[str | None] = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs: object) -> None:
+            created.append(kwargs)
+            seen_env.append(os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=RecordingLLM))
+    with open_vllm_engine("some/model", GenerationConfig(**settings), trust_remote_code=False):  # type: ignore[arg-type]
+        pass
+    assert (created[0].get("distributed_executor_backend") == "uni") is single
+    assert (seen_env[0] == "0") is single
+    # The process layout changes the sampler's random draws, so it is part of the generations' version.
+    assert GenerationConfig(cpu_single_process=False).fingerprint() != GenerationConfig().fingerprint()
 
 
 def test_cpu_thread_binding_uses_every_core_by_default() -> None:

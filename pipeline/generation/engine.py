@@ -77,6 +77,11 @@ def cpu_thread_env(bind: str, ranks: int, cores: set[int] | None = None) -> dict
     }
 
 
+def single_process(config: GenerationConfig) -> bool:
+    """Whether a CPU engine runs in this process (``GenerationConfig.cpu_single_process``): one rank only."""
+    return config.cpu_single_process and config.tensor_parallel_size == 1
+
+
 class VLLMEngine:
     """``vllm.LLM`` with this project's defaults; use :func:`open_vllm_engine` to get one."""
 
@@ -163,6 +168,8 @@ def open_vllm_engine(
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gb))
         if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the user's own binding wins
             os.environ.update(cpu_thread_env(config.cpu_omp_bind, config.tensor_parallel_size))
+        if single_process(config):  # read by vLLM when the engine is built: this process is the engine's
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
     from pipeline.generation.precision import resolve_vllm_dtype
@@ -180,6 +187,8 @@ def open_vllm_engine(
     }
     if gpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    elif single_process(config):
+        kwargs["distributed_executor_backend"] = "uni"
     llm = LLM(**kwargs)
     try:
         yield VLLMEngine(llm)
