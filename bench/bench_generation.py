@@ -8,7 +8,9 @@ tokens) and n reasoning-off answers. Generated tokens (trace + answer) per secon
 - pipeline: :func:`pipeline.generation.stage.run_generate_stage` (child process, vLLM engine, shards);
 - bare vLLM: a plain script with two ``LLM.generate`` calls on token-id prompts (in a child process, as
   vLLM requires), doing the same work as the pipeline (ids in, ids and log-probs out), with the pipeline's
-  CPU thread binding, and once more with vLLM's default binding (for information);
+  CPU thread binding and vLLM's default process layout (engine core and worker spawned); for information
+  once more with vLLM's default binding, and once in the pipeline's one-process layout
+  (``generation.cpu_single_process``), the like-for-like comparison of the pipeline's own overhead;
 - HF: ``model.generate`` on whole passes at once (left padding, bf16, ``stop_strings``).
 
     .venv/bin/python bench/bench_generation.py --prompts 32 --samples 4
@@ -49,7 +51,15 @@ def bare_vllm(request: dict[str, Any]) -> dict[str, Any]:
     """
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    llm = LLM(model=request["model"], seed=0, max_model_len=1024, enforce_eager=True, dtype=request["dtype"])
+    layout = {"distributed_executor_backend": "uni"} if request.get("single_process") else {}
+    llm = LLM(
+        model=request["model"],
+        seed=0,
+        max_model_len=1024,
+        enforce_eager=True,
+        dtype=request["dtype"],
+        **layout,
+    )
     start_s = time.time() - request["launched_at"]
     tokenizer = llm.get_tokenizer()
     n, trace_max, answer_max = request["samples"], request["trace"], request["answer"]
@@ -98,10 +108,14 @@ def bare_vllm(request: dict[str, Any]) -> dict[str, Any]:
     return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
 
 
-def run_bare(request: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+def run_bare(request: dict[str, Any], env: dict[str, str], single_process: bool = False) -> dict[str, Any]:
+    """The bare script in a child process; ``single_process``: engine core and worker in that process, as
+    the pipeline runs a one-rank CPU engine (``generation.cpu_single_process``)."""
+    if single_process:
+        env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "request.json"
-        path.write_text(json.dumps({**request, "launched_at": time.time()}))
+        path.write_text(json.dumps({**request, "launched_at": time.time(), "single_process": single_process}))
         out = Path(tmp) / "result.json"
         started = time.perf_counter()
         subprocess.run(
@@ -213,6 +227,11 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=0, help="0: one shard")
     parser.add_argument("--skip-default-bind", action="store_true", help="skip bare vLLM with vLLM's binding")
     parser.add_argument(
+        "--skip-single-process",
+        action="store_true",
+        help="skip bare vLLM in the pipeline's one-process layout",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -258,10 +277,12 @@ def main() -> None:
         pairs.append((pipe, bare))
         print(f"pair {index + 1}: pipeline {speed(pipe):.1f} tok/s, bare {speed(bare):.1f} tok/s", flush=True)
     default = None if args.skip_default_bind else run_bare(request, {})
+    single = None if args.skip_single_process else run_bare(request, cpu_thread_env("all", 1), True)
     hf = None if args.skip_hf else run_hf(model, prompts, args)
 
     rows = [("pipeline generate stage", pipe), ("bare vllm.LLM.generate", bare)]
     rows += [("bare vllm, vLLM's default binding", default)] if default else []
+    rows += [("bare vllm, one process (pipeline's)", single)] if single else []
     rows += [("HF generate, batched", hf)] if hf else []
     header = ("tokens", "start s", "gen s", "tok/s", "wall s", "tok/s of wall")
     print(f"\n{'':36s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, (7, 8, 7, 7, 7, 14), strict=True)))
@@ -291,6 +312,11 @@ def main() -> None:
         print(f"pipeline / batched HF generate:              {speed(pipe) / speed(hf):.2f}x (goal >= 5)")
     if default:
         print(f"bare vLLM, pipeline binding / vLLM default:  {speed(bare) / speed(default):.2f}x")
+    if single:
+        print(
+            f"pipeline / bare vLLM in one process:         {speed(pipe) / speed(single):.2f}x tokens/s, "
+            f"engine start {pipe['start_s'] - single['start_s']:+.1f} s (like for like in process layout)"
+        )
 
 
 def speed(figures: dict[str, Any]) -> float:

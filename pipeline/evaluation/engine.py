@@ -1,11 +1,11 @@
 """Every model of one evaluation through one vLLM engine (``docs/method.md`` §Evaluation).
 
-An engine start costs ~25–40 s on CPU, more than generating a small eval set, so the engine starts once on
-the first model and every further model's weights are loaded in place: vLLM's worker method
-``reload_weights(weights_path=...)`` through ``LLM.collective_rpc`` (:mod:`pipeline.evaluation.weights_ext`
-also repacks a tied head on CPU), then the prefix cache is dropped (its KV blocks were computed with the
-old weights). Each model is sampled after reseeding the engine with the
-same seed, so it gets the samples a fresh engine on that checkpoint would give
+An engine start costs ~25 s on CPU (~55 s in vLLM's multi-process layout), more than generating a small
+eval set, so the engine starts once on the first model and every further model's weights are loaded in
+place: vLLM's worker method ``reload_weights(weights_path=...)`` through ``LLM.collective_rpc``
+(:mod:`pipeline.evaluation.weights_ext` also repacks a tied head on CPU), then the prefix cache is dropped
+(its KV blocks were computed with the old weights). Each model is sampled after reseeding the engine with
+the same seed, so it gets the samples a fresh engine on that checkpoint would give
 (``tests/test_eval_engine_e2e.py``).
 Models whose architectures differ (another shape, another vocabulary) cannot share weights' storage: they
 get an engine each. Like generation, the engine lives in a child process
