@@ -167,7 +167,10 @@ class GenerationConfig(_Section):
         (text only, no token ids) are not reused.
         """
         # ``policy`` is left out: the sampling model it resolves to is in the generation settings.
+        # ``cpu_single_process`` only moves the engine between processes: the same ids were sampled either way
+        # (docs/generation.md §Engines), so a workspace's generations stay valid when it changes.
         operational = {"base_url", "api_key_env", "concurrency", "request_timeout_s", "max_retries", "policy"}
+        operational |= {"cpu_single_process"}
         from pipeline.generation.precision import resolve_vllm_dtype
 
         return self.model_dump(mode="json", exclude=operational) | {

@@ -362,12 +362,10 @@ def test_the_flag_reaches_the_generation_and_evaluation_engines_only_as_set(
 def test_the_vllm_engine_gets_the_flag_as_set(monkeypatch: pytest.MonkeyPatch, explicit: bool) -> None:
     from pipeline.config import GenerationConfig
     from pipeline.generation.engine import open_vllm_engine
+    from tests.test_generation import ENGINE_ENV
 
-    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
-        monkeypatch.delenv(
-            name, raising=False
-        )  # restored after the test: the engine sets them for its process
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    for name in ENGINE_ENV:  # restored after the test: the engine sets them for its own process
+        monkeypatch.delenv(name, raising=False)
     created: list[dict[str, Any]] = []
 
     class FakeLLM:
