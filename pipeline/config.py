@@ -170,7 +170,7 @@ class GenerationConfig(_Section):
         # ``cpu_single_process`` only moves the engine between processes: the same ids were sampled either way
         # (docs/generation.md §Engines), so a workspace's generations stay valid when it changes.
         operational = {"base_url", "api_key_env", "concurrency", "request_timeout_s", "max_retries", "policy"}
-        operational |= {"cpu_single_process"}
+        operational.add("cpu_single_process")
         from pipeline.generation.precision import resolve_vllm_dtype
 
         return self.model_dump(mode="json", exclude=operational) | {

@@ -338,18 +338,11 @@ def test_generation_config_engine_settings_and_fingerprint() -> None:
     assert PipelineConfig().generation.engine == "vllm"
 
 
-ENGINE_ENV = (
-    "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_CPU_OMP_THREADS_BIND",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU",
-    "VLLM_ENABLE_V1_MULTIPROCESSING",
-)
-
-
 @pytest.mark.parametrize(
     ("settings", "single"),
     [({}, True), ({"tensor_parallel_size": 2}, False), ({"cpu_single_process": False}, False)],
 )
+@pytest.mark.usefixtures("engine_env_cleared")
 def test_a_one_rank_cpu_engine_runs_in_the_generation_process(
     monkeypatch: pytest.MonkeyPatch, settings: dict[str, object], single: bool
 ) -> None:
@@ -359,8 +352,6 @@ def test_a_one_rank_cpu_engine_runs_in_the_generation_process(
     import pipeline.generation.engine as engine_module
     from pipeline.generation.engine import open_vllm_engine
 
-    for name in ENGINE_ENV:  # restored after the test: the engine writes them for its own process
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(engine_module, "on_gpu", lambda: False)
     created: list[dict[str, object]] = []
     seen_env: list[str | None] = []

@@ -359,13 +359,11 @@ def test_the_flag_reaches_the_generation_and_evaluation_engines_only_as_set(
 
 
 @pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.usefixtures("engine_env_cleared")
 def test_the_vllm_engine_gets_the_flag_as_set(monkeypatch: pytest.MonkeyPatch, explicit: bool) -> None:
     from pipeline.config import GenerationConfig
     from pipeline.generation.engine import open_vllm_engine
-    from tests.test_generation import ENGINE_ENV
 
-    for name in ENGINE_ENV:  # restored after the test: the engine sets them for its own process
-        monkeypatch.delenv(name, raising=False)
     created: list[dict[str, Any]] = []
 
     class FakeLLM:

@@ -28,8 +28,9 @@ def study_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
 
     workspace = tmp_path_factory.mktemp("study-workspace")
     # Both arms need pairs of their mode, and with tiny.yaml's 12 train prompts a 135M model's 4 short answers
-    # per prompt could all tie in trace mode on an AVX2-only CPU (0 trace pairs): more prompts and answer room
-    # (15 train prompts after the study's resplit) gave 5 trace + 4 empty pairs there from 120 generations.
+    # per prompt could all tie in trace mode on an AVX2-only CPU (0 trace pairs): more prompts, answer room
+    # and chosen answers cut at the limit allowed (15 train prompts after the study's resplit) gave 5 trace
+    # + 4 empty pairs there from 120 generations.
     settings = ["prompts.num_prompts=24", "generation.max_answer_tokens=64", "pairing.allow_cut_chosen=true"]
     config = load_config(ROOT / "configs" / "tiny.yaml", [f"workspace={workspace}", *settings])
     with prefect_test_harness(server_startup_timeout=120):
