@@ -86,16 +86,24 @@ def _wait_for_runs(client: Any, deployment_id: UUID, count: int, timeout_s: floa
 
 
 def _next_scheduled_run(client: Any, stack: Stack, deployment_id: UUID, timeout_s: float = 120.0) -> Any:
-    """Resume the deployment's schedule until the scheduler's next run of it starts, pause it again (the
-    run after is 30 s away, and pausing deletes it), then wait for the started run to complete."""
-    seen = {r.id for r in runs_of(client, deployment_id)}
+    """Resume the deployment's schedule until a scheduled run of it that has not finished starts, pause it
+    again (the run after is 30 s away, and pausing deletes it), then wait for the started run to complete.
+
+    The schedule is active from the moment `bvpo serve` registers the deployment until the fixture pauses
+    it, so a run may have started in between: that run is the one wanted (CI on 2026-12-02 failed when it
+    was skipped as already seen and the run after it was taken).
+    """
+    finished = {r.id for r in runs_of(client, deployment_id) if r.state is not None and r.state.is_final()}
     client.resume_deployment(deployment_id)
     deadline = time.monotonic() + timeout_s
     started: list[Any] = []
     while not started and time.monotonic() < deadline:
-        time.sleep(0.5)
-        fresh = [r for r in runs_of(client, deployment_id) if r.id not in seen]
-        started = [r for r in fresh if r.state is not None and not r.state.is_scheduled()]
+        fresh = [r for r in runs_of(client, deployment_id) if r.id not in finished]
+        started = [
+            r for r in fresh if r.state is not None and not (r.state.is_scheduled() or r.state.is_cancelled())
+        ]
+        if not started:
+            time.sleep(0.5)
     client.pause_deployment(deployment_id)
     assert len(started) == 1, f"expected one scheduled run to start in {timeout_s:.0f} s, got {started}"
     return wait_final(client, started[0].id, stack)
@@ -160,6 +168,7 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 ("data_refresh", DATA_REFRESH), ("train_bvpo", TRAIN), ("evaluate", EVALUATE)
             )}  # fmt: skip
             out["ids"] = ids
+            client.pause_deployment(ids[DATA_REFRESH])  # active since registered: a run may have started
             second = timed("second (scheduled)", _next_scheduled_run, client, stack, ids[DATA_REFRESH])
             out["second_run"], out["second"] = second, _refresh_output(client, store, second.id)
             (train_run,) = _wait_for_runs(client, ids[TRAIN], 1)
